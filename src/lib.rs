@@ -5,4 +5,8 @@
 //! parses the command line and dispatches to [`commands`].
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod identity;
+pub mod policy;
 pub mod spiffe_id;
+pub mod tls;

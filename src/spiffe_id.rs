@@ -91,13 +91,26 @@ mod tests {
     #[test]
     fn refuses_upper_case_scheme_and_trust_domain() {
         assert_eq!(parse("SPIFFE://example.org/a"), Err(IdError::Scheme));
-        assert_eq!(parse("spiffe://Example.org/a"), Err(IdError::UpperCaseTrustDomain));
-        assert_eq!(parse_trust_domain("EXAMPLE.org"), Err(IdError::UpperCaseTrustDomain));
+        assert_eq!(
+            parse("spiffe://Example.org/a"),
+            Err(IdError::UpperCaseTrustDomain)
+        );
+        assert_eq!(
+            parse_trust_domain("EXAMPLE.org"),
+            Err(IdError::UpperCaseTrustDomain)
+        );
     }
 
     #[test]
     fn refuses_other_schemes_and_missing_parts() {
-        for s in ["https://example.org/a", "spiffe:/example.org/a", "example.org/a", "", "spiffe://", "spiffe:///a"] {
+        for s in [
+            "https://example.org/a",
+            "spiffe:/example.org/a",
+            "example.org/a",
+            "",
+            "spiffe://",
+            "spiffe:///a",
+        ] {
             assert!(parse(s).is_err(), "{s} accepted");
         }
     }
@@ -134,7 +147,10 @@ mod tests {
 
     #[test]
     fn workload_ids_need_a_path() {
-        assert!(matches!(parse_workload_id("spiffe://example.org"), Err(IdError::RootId(_))));
+        assert!(matches!(
+            parse_workload_id("spiffe://example.org"),
+            Err(IdError::RootId(_))
+        ));
         assert!(parse_workload_id("spiffe://example.org/w").is_ok());
     }
 }

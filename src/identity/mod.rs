@@ -1,0 +1,372 @@
+//! Where our identity lives: the SVIDs we present and the trust bundles we
+//! verify peers against.
+//!
+//! An [`Identity`] is an immutable snapshot, validated as a whole before it
+//! is published. The [`IdentityStore`] holds the current one behind
+//! `arc-swap`, so a TLS handshake reads it with one atomic load and no lock,
+//! and it tells subscribers (status, revocation) when a new one arrives.
+//! Sources ([`files`], later the Workload API) build snapshots and publish
+//! them; nothing else writes to the store.
+
+pub mod files;
+pub mod x509svid;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
+use tokio::sync::watch;
+
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use x509svid::SvidRuleError;
+
+/// Why an SVID or bundle could not be loaded. Each variant says which part
+/// of the input is wrong, because an operator fixes files, not stack traces.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: no PEM certificate found")]
+    NoCertificates { what: String },
+    #[error("{what}: bad PEM: {reason}")]
+    BadPem { what: String, reason: String },
+    #[error("{what}: no PKCS#8 private key found ({reason})")]
+    BadKey { what: String, reason: String },
+    #[error("private key does not match the leaf certificate of {id}")]
+    KeyMismatch { id: String },
+    #[error("leaf certificate is not a valid X509-SVID: {0}")]
+    Leaf(#[source] SvidRuleError),
+    #[error("certificate {index} of the SVID chain is not a valid signing certificate: {source}")]
+    Signer {
+        index: usize,
+        #[source]
+        source: SvidRuleError,
+    },
+    #[error("SVID {id} expired at {not_after}")]
+    Expired { id: String, not_after: String },
+    #[error("SVID {id} does not chain to the bundle of its own trust domain: {reason}")]
+    Untrusted { id: String, reason: String },
+    #[error(
+        "bundle for {trust_domain}: certificate {index} is unusable as a trust anchor: {reason}"
+    )]
+    BadAnchor {
+        trust_domain: String,
+        index: usize,
+        reason: String,
+    },
+    #[error("the identity has no SVID")]
+    NoSvid,
+    #[error("two SVIDs carry the same SPIFFE ID {0}")]
+    DuplicateSvid(String),
+}
+
+/// One of our X509-SVIDs, ready for rustls: the chain and key are parsed
+/// and paired once here, never during a handshake.
+#[derive(Debug)]
+pub struct Svid {
+    pub id: SpiffeId,
+    pub certified_key: Arc<CertifiedKey>,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Svid {
+    /// Builds an SVID from a DER chain (leaf first) and its private key,
+    /// checking that the key matches the leaf and that every certificate
+    /// follows the X509-SVID rules.
+    pub fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        provider: &CryptoProvider,
+    ) -> Result<Self, IdentityError> {
+        let leaf = chain.first().ok_or_else(|| IdentityError::NoCertificates {
+            what: "SVID chain".into(),
+        })?;
+        let facts = x509svid::check_leaf(leaf).map_err(IdentityError::Leaf)?;
+        for (index, signer) in chain.iter().enumerate().skip(1) {
+            x509svid::check_signer(signer)
+                .map_err(|source| IdentityError::Signer { index, source })?;
+        }
+        let certified_key = CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => IdentityError::KeyMismatch {
+                id: facts.id.to_string(),
+            },
+            other => IdentityError::BadKey {
+                what: "SVID key".into(),
+                reason: other.to_string(),
+            },
+        })?;
+        Ok(Self {
+            id: facts.id,
+            certified_key: Arc::new(certified_key),
+            serial: facts.serial,
+            not_before: unix_to_system(facts.not_before),
+            not_after: unix_to_system(facts.not_after),
+        })
+    }
+
+    /// Builds an SVID from PEM text: a chain (leaf first) and a PKCS#8 key.
+    pub fn from_pem(
+        chain_pem: &[u8],
+        key_pem: &[u8],
+        provider: &CryptoProvider,
+    ) -> Result<Self, IdentityError> {
+        let chain = certs_from_pem(chain_pem, "SVID certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| IdentityError::BadKey {
+            what: "SVID key".into(),
+            reason: e.to_string(),
+        })?;
+        if !matches!(key, PrivateKeyDer::Pkcs8(_)) {
+            return Err(IdentityError::BadKey {
+                what: "SVID key".into(),
+                reason: "the key is not PKCS#8 (convert it with `openssl pkcs8 -topk8 -nocrypt`)"
+                    .into(),
+            });
+        }
+        Self::from_der(chain, key, provider)
+    }
+
+    /// The chain as sent to peers, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.certified_key.cert
+    }
+
+    /// True while `now` is inside the validity window.
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+}
+
+/// The CA certificates of one trust domain, with the trust anchors rustls
+/// needs built once when the bundle arrives.
+#[derive(Debug)]
+pub struct TrustBundle {
+    pub trust_domain: TrustDomain,
+    pub certs: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl TrustBundle {
+    pub fn new(
+        trust_domain: TrustDomain,
+        certs: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, IdentityError> {
+        if certs.is_empty() {
+            return Err(IdentityError::NoCertificates {
+                what: format!("bundle for {trust_domain}"),
+            });
+        }
+        let anchors = certs
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| IdentityError::BadAnchor {
+                        trust_domain: trust_domain.to_string(),
+                        index,
+                        reason: format!("{e:?}"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            trust_domain,
+            certs,
+            anchors,
+        })
+    }
+
+    pub fn from_pem(trust_domain: TrustDomain, pem: &[u8]) -> Result<Self, IdentityError> {
+        let certs = certs_from_pem(pem, &format!("bundle for {trust_domain}"))?;
+        Self::new(trust_domain, certs)
+    }
+
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+}
+
+/// Trust bundles by trust domain: ours and the federated ones.
+#[derive(Debug, Clone, Default)]
+pub struct BundleSet {
+    bundles: BTreeMap<TrustDomain, Arc<TrustBundle>>,
+}
+
+impl BundleSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a bundle, replacing any earlier one for the same trust domain.
+    pub fn insert(&mut self, bundle: TrustBundle) {
+        self.bundles
+            .insert(bundle.trust_domain.clone(), Arc::new(bundle));
+    }
+
+    pub fn get(&self, trust_domain: &TrustDomain) -> Option<&TrustBundle> {
+        self.bundles.get(trust_domain).map(Arc::as_ref)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TrustBundle> {
+        self.bundles.values().map(Arc::as_ref)
+    }
+
+    pub fn len(&self) -> usize {
+        self.bundles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bundles.is_empty()
+    }
+}
+
+/// One complete, validated view of who we are and whom we trust.
+#[derive(Debug)]
+pub struct Identity {
+    /// Our SVIDs; the first is the default one.
+    pub svids: Vec<Arc<Svid>>,
+    pub bundles: BundleSet,
+}
+
+impl Identity {
+    /// Validates a candidate snapshot: at least one SVID, no duplicate IDs,
+    /// nothing expired, and each SVID chains to its own trust domain's bundle
+    /// when we hold one (a certificate from the wrong CA is a broken
+    /// deployment, and peers would refuse it anyway).
+    pub fn new(
+        svids: Vec<Svid>,
+        bundles: BundleSet,
+        now: SystemTime,
+    ) -> Result<Self, IdentityError> {
+        if svids.is_empty() {
+            return Err(IdentityError::NoSvid);
+        }
+        for (i, svid) in svids.iter().enumerate() {
+            if svids[..i].iter().any(|other| other.id == svid.id) {
+                return Err(IdentityError::DuplicateSvid(svid.id.to_string()));
+            }
+            if now >= svid.not_after {
+                return Err(IdentityError::Expired {
+                    id: svid.id.to_string(),
+                    not_after: humantime::format_rfc3339_seconds(svid.not_after).to_string(),
+                });
+            }
+            if bundles.get(svid.id.trust_domain()).is_some() {
+                crate::tls::verify::verify_svid_chain(
+                    svid.chain(),
+                    &bundles,
+                    crate::tls::verify::to_unix_time(now),
+                    crate::tls::verify::PeerRole::Any,
+                )
+                .map_err(|e| IdentityError::Untrusted {
+                    id: svid.id.to_string(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        Ok(Self {
+            svids: svids.into_iter().map(Arc::new).collect(),
+            bundles,
+        })
+    }
+
+    pub fn default_svid(&self) -> Option<&Arc<Svid>> {
+        self.svids.first()
+    }
+
+    /// The SVID to present: the one with `id`, or the default one.
+    pub fn svid(&self, id: Option<&SpiffeId>) -> Option<&Arc<Svid>> {
+        match id {
+            Some(id) => self.svids.iter().find(|s| &s.id == id),
+            None => self.default_svid(),
+        }
+    }
+
+    /// The earliest expiry among our SVIDs.
+    pub fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.svids.iter().map(|s| s.not_after).min()
+    }
+}
+
+/// The current identity, swapped atomically, with change notification.
+#[derive(Debug)]
+pub struct IdentityStore {
+    current: ArcSwapOption<Identity>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for IdentityStore {
+    fn default() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            generation: watch::Sender::new(0),
+        }
+    }
+}
+
+impl IdentityStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Makes `identity` the current one for every new handshake.
+    pub fn publish(&self, identity: Identity) {
+        self.current.store(Some(Arc::new(identity)));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Drops the identity: no SVID is presented and no peer verifies until
+    /// a new one is published.
+    pub fn withdraw(&self) {
+        self.current.store(None);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The current snapshot, if any. One atomic load; no lock.
+    pub fn load(&self) -> Option<Arc<Identity>> {
+        self.current.load_full()
+    }
+
+    /// A receiver that sees a new value on every publish or withdraw.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+/// Parses every CERTIFICATE block of a PEM text; other blocks are ignored.
+pub fn certs_from_pem(
+    pem: &[u8],
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::BadPem {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(IdentityError::NoCertificates {
+            what: what.to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+fn unix_to_system(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}

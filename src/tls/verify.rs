@@ -1,0 +1,344 @@
+//! SPIFFE peer verification: the X509-SVID chain check rustls runs in every
+//! full handshake, in both directions, and the same check offline for the
+//! `verify` command.
+//!
+//! A chain is trusted only through the bundle of the trust domain named in
+//! the peer's own SPIFFE ID; a CA of one trust domain can never vouch for
+//! another, and no bundle means no trust. Path building and signature checks
+//! are rustls-webpki's (well reviewed, constant budget, no panics on hostile
+//! input); the SPIFFE-specific rules it does not know come from
+//! [`crate::identity::x509svid`]. The peer is then authorized against the
+//! tunnel's policy, so a refused peer fails the handshake itself.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::identity::x509svid::{self, SvidRuleError};
+use crate::identity::{BundleSet, IdentityStore};
+use crate::policy::{Decision, Policy};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+
+/// Which end of a connection the peer is; selects the extended key usage
+/// the leaf must allow when it has an EKU extension at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The peer is a TLS client (we are an inbound tunnel).
+    Client,
+    /// The peer is a TLS server (we are an outbound tunnel).
+    Server,
+    /// Either, as for `spiffe-tunnel verify`.
+    Any,
+}
+
+/// Why a peer was refused. Carried inside the rustls error so the proxy can
+/// log the precise reason once and count it under the right label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("peer sent no certificate")]
+    NoCertificate,
+    #[error("peer leaf is not a valid X509-SVID: {0}")]
+    Leaf(#[source] SvidRuleError),
+    #[error("peer chain certificate {index} is not a valid signing certificate: {source}")]
+    Signer {
+        index: usize,
+        #[source]
+        source: SvidRuleError,
+    },
+    #[error("no trust bundle for trust domain {trust_domain:?} of peer {id}")]
+    NoBundle { id: String, trust_domain: String },
+    #[error("peer {id} does not chain to the bundle of {trust_domain}: {reason}")]
+    Untrusted {
+        id: String,
+        trust_domain: String,
+        reason: String,
+    },
+    #[error("we hold no identity (no SVID and no bundles), so no peer can be verified")]
+    NoIdentity,
+    #[error("peer {id} is not allowed by the policy of this tunnel{}", match .rule { Some(r) => format!(" (denied by rule {r:?})"), None => " (no rule matches)".to_string() })]
+    NotAllowed { id: String, rule: Option<String> },
+}
+
+impl VerifyError {
+    /// The peer's SPIFFE ID, when it got far enough to have one.
+    pub fn peer_id(&self) -> Option<&str> {
+        match self {
+            Self::NoBundle { id, .. }
+            | Self::Untrusted { id, .. }
+            | Self::NotAllowed { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Authorization refusals, as opposed to authentication failures.
+    pub fn is_denial(&self) -> bool {
+        matches!(self, Self::NotAllowed { .. })
+    }
+
+    /// Finds our error inside a rustls error, if it is one of ours.
+    pub fn from_rustls(err: &rustls::Error) -> Option<&VerifyError> {
+        match err {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+                inner.downcast_ref::<VerifyError>()
+            }
+            _ => None,
+        }
+    }
+
+    fn into_rustls(self) -> rustls::Error {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
+    }
+}
+
+/// A peer whose chain verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedPeer {
+    pub id: SpiffeId,
+    pub serial: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// Verifies an X509-SVID chain (leaf first) against the bundle of the trust
+/// domain in the leaf's SPIFFE ID, at time `now`.
+pub fn verify_svid_chain(
+    chain: &[CertificateDer<'_>],
+    bundles: &BundleSet,
+    now: UnixTime,
+    role: PeerRole,
+) -> Result<VerifiedPeer, VerifyError> {
+    let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
+    verify_parts(leaf, intermediates, bundles, now, role)
+}
+
+fn verify_parts(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundles: &BundleSet,
+    now: UnixTime,
+    role: PeerRole,
+) -> Result<VerifiedPeer, VerifyError> {
+    let facts = x509svid::check_leaf(leaf).map_err(VerifyError::Leaf)?;
+    for (i, signer) in intermediates.iter().enumerate() {
+        x509svid::check_signer(signer).map_err(|source| VerifyError::Signer {
+            index: i + 1,
+            source,
+        })?;
+    }
+    let trust_domain: &TrustDomain = facts.id.trust_domain();
+    let bundle = bundles
+        .get(trust_domain)
+        .ok_or_else(|| VerifyError::NoBundle {
+            id: facts.id.to_string(),
+            trust_domain: trust_domain.to_string(),
+        })?;
+
+    let untrusted = |reason: String| VerifyError::Untrusted {
+        id: facts.id.to_string(),
+        trust_domain: trust_domain.to_string(),
+        reason,
+    };
+    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|e| untrusted(describe(&e)))?;
+    let check = |usage: webpki::KeyUsage| {
+        end_entity
+            .verify_for_usage(
+                signature_algorithms().all,
+                bundle.anchors(),
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map(|_path| ())
+    };
+    match role {
+        PeerRole::Client => check(webpki::KeyUsage::client_auth()),
+        PeerRole::Server => check(webpki::KeyUsage::server_auth()),
+        // Offline: accept a leaf usable for either end.
+        PeerRole::Any => check(webpki::KeyUsage::server_auth())
+            .or_else(|_| check(webpki::KeyUsage::client_auth())),
+    }
+    .map_err(|e| untrusted(describe(&e)))?;
+    Ok(VerifiedPeer {
+        id: facts.id,
+        serial: facts.serial,
+        not_after: facts.not_after,
+    })
+}
+
+/// A readable reason for a webpki error.
+fn describe(e: &webpki::Error) -> String {
+    use webpki::Error as E;
+    match e {
+        E::UnknownIssuer => {
+            "issuer is not in the trust bundle (unknown CA or bad signature)".into()
+        }
+        E::CertExpired { .. } => "certificate has expired".into(),
+        E::CertNotValidYet { .. } => "certificate is not valid yet".into(),
+        E::CaUsedAsEndEntity => "leaf is a CA certificate".into(),
+        E::EndEntityUsedAsCa => "a signing certificate in the chain is not a CA".into(),
+        E::InvalidSignatureForPublicKey => "signature does not verify".into(),
+        E::UnsupportedSignatureAlgorithmContext(_)
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            "signature algorithm is refused (weak or unsupported)".into()
+        }
+        E::RequiredEkuNotFoundContext(_) => {
+            "extended key usage does not allow this role (serverAuth/clientAuth)".into()
+        }
+        E::PathLenConstraintViolated => "path length constraint violated".into(),
+        E::NameConstraintViolation => "name constraints of a CA are violated".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The signature algorithms we accept: aws-lc-rs's set, which has no SHA-1
+/// and no RSA below 2048 bits.
+pub fn signature_algorithms() -> &'static WebPkiSupportedAlgorithms {
+    static ALGORITHMS: LazyLock<WebPkiSupportedAlgorithms> = LazyLock::new(|| {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+    });
+    &ALGORITHMS
+}
+
+/// Converts wall-clock time for webpki.
+pub fn to_unix_time(t: SystemTime) -> UnixTime {
+    UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+}
+
+/// The rustls verifier for one tunnel: authenticates the peer's X509-SVID
+/// against the current bundles and authorizes its ID against the tunnel's
+/// current policy. Both are read through atomic loads, so rotations and
+/// policy reloads apply to the next handshake without rebuilding configs.
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    store: Arc<IdentityStore>,
+    policy: Arc<ArcSwap<Policy>>,
+    role: PeerRole,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeVerifier {
+    pub fn new(store: Arc<IdentityStore>, policy: Arc<ArcSwap<Policy>>, role: PeerRole) -> Self {
+        Self {
+            store,
+            policy,
+            role,
+            algorithms: *signature_algorithms(),
+        }
+    }
+
+    fn verify(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let identity = self
+            .store
+            .load()
+            .ok_or_else(|| VerifyError::NoIdentity.into_rustls())?;
+        let peer = verify_parts(leaf, intermediates, &identity.bundles, now, self.role)
+            .map_err(VerifyError::into_rustls)?;
+        authorize(&self.policy.load(), &peer.id).map_err(VerifyError::into_rustls)
+    }
+}
+
+/// Applies a policy to a verified peer ID.
+pub fn authorize(policy: &Policy, id: &SpiffeId) -> Result<(), VerifyError> {
+    match policy.decide(id) {
+        Decision::Allowed(_) => Ok(()),
+        Decision::Denied(rule) => Err(VerifyError::NotAllowed {
+            id: id.to_string(),
+            rule: Some(format!("deny {rule}")),
+        }),
+        Decision::NoMatch => Err(VerifyError::NotAllowed {
+            id: id.to_string(),
+            rule: None,
+        }),
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // SPIFFE peers pick their SVID by identity, not by CA name hints.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        // SPIFFE authenticates the server by its SPIFFE ID, not its DNS name.
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
