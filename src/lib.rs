@@ -1,12 +1,20 @@
 //! spiffe-tunnel: zero-trust mTLS tunnels between nodes, authorized by SPIFFE ID.
 //!
-//! Data flows one way: identity sources → [`identity::IdentityStore`] →
-//! TLS configs ([`tls`]) → tunnels ([`proxy`]). The binary in `main.rs` only
-//! parses the command line and dispatches to [`commands`].
+//! Data flows one way: identity sources ([`identity::files`]) →
+//! [`identity::IdentityStore`] → TLS configs ([`tls`]) → tunnels
+//! ([`proxy`]). [`config`] and [`policy`] describe what to run;
+//! [`runtime`] wires it together for `run`; [`commands`] holds the one-shot
+//! commands; the binary in `main.rs` only parses the command line
+//! ([`cli`]) and dispatches.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
+pub mod proxy;
+pub mod runtime;
 pub mod spiffe_id;
 pub mod tls;

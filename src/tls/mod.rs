@@ -2,4 +2,6 @@
 //! the identity store ([`resolver`]) and the per-tunnel TLS configs built
 //! from both ([`config`]).
 
+pub mod config;
+pub mod resolver;
 pub mod verify;

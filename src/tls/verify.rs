@@ -342,3 +342,38 @@ impl ServerCertVerifier for SpiffeVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+/// Authorizes an established session, full or resumed, before any byte is
+/// forwarded. rustls runs the certificate verifier only on full handshakes;
+/// a resumed session carries the peer chain from its original handshake, so
+/// here that chain is verified again against the bundles of *now* and the
+/// ID checked against the policy of *now*. For a full handshake the chain
+/// was just verified, and only the ID is re-read and re-authorized (which
+/// also covers a policy reload that landed mid-handshake).
+pub fn authorize_session(
+    peer_chain: Option<&[CertificateDer<'static>]>,
+    resumed: bool,
+    store: &IdentityStore,
+    policy: &Policy,
+    role: PeerRole,
+) -> Result<SpiffeId, VerifyError> {
+    let chain = peer_chain
+        .filter(|c| !c.is_empty())
+        .ok_or(VerifyError::NoCertificate)?;
+    let id = if resumed {
+        let identity = store.load().ok_or(VerifyError::NoIdentity)?;
+        verify_svid_chain(
+            chain,
+            &identity.bundles,
+            to_unix_time(SystemTime::now()),
+            role,
+        )?
+        .id
+    } else {
+        x509svid::check_leaf(&chain[0])
+            .map_err(VerifyError::Leaf)?
+            .id
+    };
+    authorize(policy, &id)?;
+    Ok(id)
+}

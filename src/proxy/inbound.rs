@@ -1,0 +1,191 @@
+//! Inbound tunnels: mTLS in, plain out.
+//!
+//! Accept TLS → verify the client's X509-SVID → authorize its SPIFFE ID →
+//! only then connect to the target → copy both ways. A refused peer never
+//! causes a connection to the target, so not one of its bytes reaches it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::HandshakeKind;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, field, info_span, Instrument, Span};
+
+use super::copy::{pipe, CopyEnd};
+use super::{classify_handshake_error, Tunnel};
+use crate::config::{InboundConfig, Target};
+use crate::metrics::ConnResult;
+use crate::tls::verify::{authorize_session, PeerRole};
+
+/// One inbound tunnel.
+pub struct Inbound {
+    pub tunnel: Arc<Tunnel>,
+    pub config: InboundConfig,
+    acceptor: TlsAcceptor,
+}
+
+impl Inbound {
+    pub fn new(tunnel: Arc<Tunnel>, config: InboundConfig, tls: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            tunnel,
+            config,
+            acceptor: TlsAcceptor::from(tls),
+        }
+    }
+
+    /// Serves the listener until the tunnel stops accepting.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let tunnel = Arc::clone(&self.tunnel);
+        tunnel
+            .accept_loop(listener, move |stream, addr, permit| {
+                Arc::clone(&self).handle(stream, addr, permit)
+            })
+            .await;
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        client: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let span = info_span!(
+            "conn",
+            tunnel = %self.tunnel.name,
+            kind = "inbound",
+            client = %client,
+            peer_id = field::Empty,
+        );
+        self.connection(tcp, permit).instrument(span).await;
+    }
+
+    async fn connection(&self, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+        let t = &self.tunnel;
+        if t.resolver.current().is_none() {
+            t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
+            return;
+        }
+
+        let started = Instant::now();
+        let handshake =
+            tokio::time::timeout(t.settings.handshake_timeout, self.acceptor.accept(tcp)).await;
+        t.metrics
+            .handshake_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let (result, reason) = classify_handshake_error(&e);
+                t.refuse(result, &reason);
+                return;
+            }
+            Err(_) => {
+                t.refuse(
+                    ConnResult::handshake_error,
+                    &format_args!(
+                        "handshake timed out after {:?}",
+                        t.settings.handshake_timeout
+                    ),
+                );
+                return;
+            }
+        };
+
+        let (_, session) = tls.get_ref();
+        let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
+        let peer = match authorize_session(
+            session.peer_certificates(),
+            resumed,
+            &t.store,
+            &t.policy.load(),
+            PeerRole::Client,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                let result = if e.is_denial() {
+                    ConnResult::denied
+                } else {
+                    ConnResult::handshake_error
+                };
+                t.refuse(result, &e);
+                return;
+            }
+        };
+        Span::current().record("peer_id", field::display(&peer));
+
+        // Authorized: now, and only now, the target hears of this peer.
+        match &self.config.target {
+            Target::Tcp(addr) => {
+                match tokio::time::timeout(
+                    t.settings.connect_timeout,
+                    TcpStream::connect(addr.as_str()),
+                )
+                .await
+                {
+                    Ok(Ok(target)) => {
+                        let _ = target.set_nodelay(true);
+                        self.forward(&mut tls, target).await;
+                    }
+                    Ok(Err(e)) => t.refuse(
+                        ConnResult::upstream_error,
+                        &format_args!("target {addr}: {e}"),
+                    ),
+                    Err(_) => t.refuse(
+                        ConnResult::upstream_error,
+                        &format_args!("target {addr}: connect timed out"),
+                    ),
+                }
+            }
+            Target::Unix(path) => {
+                match tokio::time::timeout(t.settings.connect_timeout, UnixStream::connect(path))
+                    .await
+                {
+                    Ok(Ok(target)) => self.forward(&mut tls, target).await,
+                    Ok(Err(e)) => t.refuse(
+                        ConnResult::upstream_error,
+                        &format_args!("target unix:{}: {e}", path.display()),
+                    ),
+                    Err(_) => t.refuse(
+                        ConnResult::upstream_error,
+                        &format_args!("target unix:{}: connect timed out", path.display()),
+                    ),
+                }
+            }
+        }
+    }
+
+    async fn forward<C, S>(&self, client: &mut C, mut target: S)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let t = &self.tunnel;
+        t.metrics.count(ConnResult::ok);
+        t.metrics.active.inc();
+        let started = Instant::now();
+        let (moved, end) = pipe(client, &mut target, t.settings.idle_timeout, &t.close_all).await;
+        t.metrics.active.dec();
+        t.metrics.client_to_server.inc_by(moved.client_to_server);
+        t.metrics.server_to_client.inc_by(moved.server_to_client);
+        debug!(
+            sent = moved.client_to_server,
+            received = moved.server_to_client,
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = ?end_label(&end),
+            "connection closed"
+        );
+    }
+}
+
+pub(super) fn end_label(end: &CopyEnd) -> String {
+    match end {
+        CopyEnd::Done => "done".into(),
+        CopyEnd::Idle => "idle timeout".into(),
+        CopyEnd::Cancelled => "closed by spiffe-tunnel".into(),
+        CopyEnd::Failed(e) => format!("error: {e}"),
+    }
+}

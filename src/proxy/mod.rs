@@ -1,0 +1,167 @@
+//! The data plane: listeners, per-connection tasks, and the byte copy.
+//!
+//! Every connection follows one path, in this order: admission (the
+//! tunnel's connection limit and a valid SVID of ours), the TLS handshake
+//! with SPIFFE verification, authorization of the peer's ID, and only then
+//! the connection to the plain side and the copy. [`Tunnel`] holds what the
+//! two directions share; [`inbound`] and [`outbound`] hold what differs.
+
+pub mod copy;
+pub mod inbound;
+pub mod outbound;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::TunnelSettings;
+use crate::identity::IdentityStore;
+use crate::metrics::{ConnResult, TunnelKind, TunnelMetrics};
+use crate::policy::Policy;
+use crate::tls::resolver::SvidResolver;
+use crate::tls::verify::VerifyError;
+
+/// What every connection of one tunnel shares.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub name: String,
+    pub kind: TunnelKind,
+    pub settings: TunnelSettings,
+    pub store: Arc<IdentityStore>,
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub metrics: TunnelMetrics,
+    /// Our certificate source, to refuse early when we hold no valid SVID.
+    pub resolver: SvidResolver,
+    limit: Arc<Semaphore>,
+    /// Live connection tasks, waited for on drain.
+    pub connections: TaskTracker,
+    /// Stops the accept loop.
+    pub stop_accepting: CancellationToken,
+    /// Closes every live connection (drain deadline).
+    pub close_all: CancellationToken,
+}
+
+/// Everything a tunnel needs from the process around it.
+#[derive(Debug, Clone)]
+pub struct TunnelContext {
+    pub store: Arc<IdentityStore>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Tunnel {
+    pub fn new(
+        name: &str,
+        kind: TunnelKind,
+        settings: TunnelSettings,
+        svid: Option<crate::spiffe_id::SpiffeId>,
+        policy: Arc<ArcSwap<Policy>>,
+        ctx: &TunnelContext,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            kind,
+            limit: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            store: Arc::clone(&ctx.store),
+            policy,
+            metrics: ctx.metrics.tunnel(name, kind),
+            resolver: SvidResolver::new(Arc::clone(&ctx.store), svid),
+            connections: TaskTracker::new(),
+            stop_accepting: CancellationToken::new(),
+            close_all: CancellationToken::new(),
+        }
+    }
+
+    /// Counts a refused connection and logs its reason, once.
+    pub fn refuse(&self, result: ConnResult, reason: &dyn std::fmt::Display) {
+        self.metrics.count(result);
+        info!(result = ?result, reason = %reason, "connection refused");
+    }
+
+    /// Accepts connections until `stop_accepting` fires, handing each one
+    /// that fits under the connection limit to `handle` on its own task.
+    pub async fn accept_loop<F, Fut>(self: &Arc<Self>, listener: TcpListener, handle: F)
+    where
+        F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            let accepted = tokio::select! {
+                () = self.stop_accepting.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, addr)) => match Arc::clone(&self.limit).try_acquire_owned() {
+                    Ok(permit) => {
+                        // Small writes (handshakes, RPCs) must not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        self.connections.spawn(handle(stream, addr, permit));
+                    }
+                    Err(_) => {
+                        let _span =
+                            tracing::info_span!("conn", tunnel = %self.name, client = %addr)
+                                .entered();
+                        self.refuse(
+                            ConnResult::over_limit,
+                            &format_args!(
+                                "max_connections ({}) reached",
+                                self.settings.max_connections
+                            ),
+                        );
+                    }
+                },
+                Err(e) => {
+                    // Out of file descriptors and the like: these pass, so
+                    // back off briefly instead of spinning.
+                    warn!(tunnel = %self.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Live connections right now.
+    pub fn active_connections(&self) -> usize {
+        self.settings.max_connections - self.limit.available_permits()
+    }
+}
+
+/// Sorts a failed TLS handshake into a result label and a readable reason.
+pub fn classify_handshake_error(e: &io::Error) -> (ConnResult, String) {
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(err) => match VerifyError::from_rustls(err) {
+            Some(v) if v.is_denial() => (ConnResult::denied, v.to_string()),
+            Some(v) => (ConnResult::handshake_error, v.to_string()),
+            None => (ConnResult::handshake_error, describe_rustls(err)),
+        },
+        None if e.kind() == io::ErrorKind::UnexpectedEof => (
+            ConnResult::handshake_error,
+            "peer closed the connection during the handshake".to_string(),
+        ),
+        None => (ConnResult::handshake_error, e.to_string()),
+    }
+}
+
+fn describe_rustls(err: &rustls::Error) -> String {
+    match err {
+        rustls::Error::NoCertificatesPresented => {
+            "peer presented no certificate (mTLS requires an X509-SVID)".to_string()
+        }
+        rustls::Error::AlertReceived(alert) => {
+            format!("peer sent alert {alert:?} (it refused us or our certificate)")
+        }
+        rustls::Error::PeerIncompatible(p) => format!("peer is incompatible: {p:?}"),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,202 @@
+//! Outbound tunnels: plain in, mTLS out.
+//!
+//! Accept a plain connection → dial an upstream → TLS with our SVID → verify
+//! the server's X509-SVID and authorize its SPIFFE ID → copy both ways. The
+//! local client's bytes are not read until the server is authorized.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::HandshakeKind;
+use rustls_pki_types::{DnsName, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, field, info_span, Instrument, Span};
+
+use super::copy::pipe;
+use super::inbound::end_label;
+use super::{classify_handshake_error, Tunnel};
+use crate::config::OutboundConfig;
+use crate::metrics::ConnResult;
+use crate::tls::verify::{authorize_session, PeerRole};
+
+/// One outbound tunnel.
+pub struct Outbound {
+    pub tunnel: Arc<Tunnel>,
+    pub config: OutboundConfig,
+    connector: TlsConnector,
+    /// Where the next connection starts trying upstreams (round robin).
+    next_upstream: AtomicUsize,
+}
+
+impl Outbound {
+    pub fn new(
+        tunnel: Arc<Tunnel>,
+        config: OutboundConfig,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
+        Self {
+            tunnel,
+            config,
+            connector: TlsConnector::from(tls),
+            next_upstream: AtomicUsize::new(0),
+        }
+    }
+
+    /// Serves the listener until the tunnel stops accepting.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let tunnel = Arc::clone(&self.tunnel);
+        tunnel
+            .accept_loop(listener, move |stream, addr, permit| {
+                Arc::clone(&self).handle(stream, addr, permit)
+            })
+            .await;
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        addr: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let span = info_span!(
+            "conn",
+            tunnel = %self.tunnel.name,
+            kind = "outbound",
+            client = %addr,
+            upstream = field::Empty,
+            peer_id = field::Empty,
+        );
+        self.connection(client, permit).instrument(span).await;
+    }
+
+    /// Connects to the first upstream that answers, starting at the next one
+    /// in round-robin order and trying each at most once.
+    async fn dial(&self) -> Result<(TcpStream, &str), String> {
+        let t = &self.tunnel;
+        let upstreams = &self.config.upstreams;
+        let first = self.next_upstream.fetch_add(1, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..upstreams.len() {
+            let upstream = &upstreams[(first + i) % upstreams.len()];
+            match tokio::time::timeout(
+                t.settings.connect_timeout,
+                TcpStream::connect(upstream.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok((stream, upstream));
+                }
+                Ok(Err(e)) => failures.push(format!("{upstream}: {e}")),
+                Err(_) => failures.push(format!("{upstream}: connect timed out")),
+            }
+        }
+        Err(failures.join("; "))
+    }
+
+    async fn connection(&self, mut client: TcpStream, _permit: OwnedSemaphorePermit) {
+        let t = &self.tunnel;
+        if t.resolver.current().is_none() {
+            t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
+            return;
+        }
+        let (upstream_tcp, upstream) = match self.dial().await {
+            Ok(found) => found,
+            Err(reason) => {
+                t.refuse(
+                    ConnResult::upstream_error,
+                    &format_args!("no upstream reachable: {reason}"),
+                );
+                return;
+            }
+        };
+        Span::current().record("upstream", upstream);
+
+        let started = Instant::now();
+        let handshake = tokio::time::timeout(
+            t.settings.handshake_timeout,
+            self.connector.connect(server_name(upstream), upstream_tcp),
+        )
+        .await;
+        t.metrics
+            .handshake_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let (result, reason) = classify_handshake_error(&e);
+                t.refuse(result, &format_args!("upstream {upstream}: {reason}"));
+                return;
+            }
+            Err(_) => {
+                t.refuse(
+                    ConnResult::handshake_error,
+                    &format_args!(
+                        "upstream {upstream}: handshake timed out after {:?}",
+                        t.settings.handshake_timeout
+                    ),
+                );
+                return;
+            }
+        };
+
+        let (_, session) = tls.get_ref();
+        let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
+        let peer = match authorize_session(
+            session.peer_certificates(),
+            resumed,
+            &t.store,
+            &t.policy.load(),
+            PeerRole::Server,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                let result = if e.is_denial() {
+                    ConnResult::denied
+                } else {
+                    ConnResult::handshake_error
+                };
+                t.refuse(result, &format_args!("upstream {upstream}: {e}"));
+                return;
+            }
+        };
+        Span::current().record("peer_id", field::display(&peer));
+
+        t.metrics.count(ConnResult::ok);
+        t.metrics.active.inc();
+        let started = Instant::now();
+        let (moved, end) = pipe(&mut client, &mut tls, t.settings.idle_timeout, &t.close_all).await;
+        t.metrics.active.dec();
+        t.metrics.client_to_server.inc_by(moved.client_to_server);
+        t.metrics.server_to_client.inc_by(moved.server_to_client);
+        debug!(
+            sent = moved.client_to_server,
+            received = moved.server_to_client,
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = %end_label(&end),
+            "connection closed"
+        );
+    }
+}
+
+/// The TLS server name for an upstream. SPIFFE peers are authenticated by
+/// SPIFFE ID, so this only feeds SNI and the session cache key.
+fn server_name(upstream: &str) -> ServerName<'static> {
+    let host = upstream
+        .rsplit_once(':')
+        .map_or(upstream, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ServerName::IpAddress(ip.into());
+    }
+    match DnsName::try_from(host.to_string()) {
+        Ok(name) => ServerName::DnsName(name),
+        Err(_) => ServerName::IpAddress(IpAddr::from([0, 0, 0, 0]).into()),
+    }
+}

@@ -1,0 +1,87 @@
+//! The rustls configs of a tunnel, built once when the tunnel starts.
+//!
+//! Rotation never rebuilds them: the certificate comes from
+//! [`SvidResolver`] and trust and policy from [`SpiffeVerifier`], both of
+//! which read the current snapshot through an atomic load at handshake time.
+//! So a new SVID, bundle or policy applies to the very next handshake, a
+//! handshake in flight finishes with the snapshot it started with, and live
+//! connections are untouched.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, ServerConfig, SupportedProtocolVersion};
+
+use super::resolver::SvidResolver;
+use super::verify::{PeerRole, SpiffeVerifier};
+use crate::config::MinTls;
+use crate::identity::IdentityStore;
+use crate::policy::Policy;
+use crate::spiffe_id::SpiffeId;
+
+/// Errors building a TLS config; only a broken crypto provider causes them.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the TLS configuration: {0}")]
+pub struct TlsConfigError(#[from] rustls::Error);
+
+/// What a tunnel end needs to build its TLS config.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub store: Arc<IdentityStore>,
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub svid: Option<SpiffeId>,
+    pub min_tls: MinTls,
+}
+
+/// The crypto provider of the whole process: aws-lc-rs, default suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn versions(min_tls: MinTls) -> &'static [&'static SupportedProtocolVersion] {
+    static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    static TLS12_AND_13: &[&SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    match min_tls {
+        MinTls::Tls13 => TLS13_ONLY,
+        MinTls::Tls12 => TLS12_AND_13,
+    }
+}
+
+/// The server side of an inbound tunnel: client certificates are required
+/// and verified as X509-SVIDs authorized by the tunnel's policy.
+pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let verifier = SpiffeVerifier::new(
+        Arc::clone(&settings.store),
+        Arc::clone(&settings.policy),
+        PeerRole::Client,
+    );
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(settings.min_tls))?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(SvidResolver::new(
+            Arc::clone(&settings.store),
+            settings.svid.clone(),
+        )));
+    Ok(Arc::new(config))
+}
+
+/// The client side of an outbound tunnel: the server must present an
+/// X509-SVID allowed by the tunnel's policy, and we present ours.
+pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let verifier = SpiffeVerifier::new(
+        Arc::clone(&settings.store),
+        Arc::clone(&settings.policy),
+        PeerRole::Server,
+    );
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(settings.min_tls))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(SvidResolver::new(
+            Arc::clone(&settings.store),
+            settings.svid.clone(),
+        )));
+    Ok(Arc::new(config))
+}
