@@ -116,6 +116,7 @@ impl Inbound {
             }
         };
         Span::current().record("peer_id", field::display(&peer));
+        debug!(resumed, "peer authorized");
 
         // Authorized: now, and only now, the target hears of this peer.
         match &self.config.target {

@@ -166,6 +166,7 @@ impl Outbound {
             }
         };
         Span::current().record("peer_id", field::display(&peer));
+        debug!(resumed, "peer authorized");
 
         t.metrics.count(ConnResult::ok);
         t.metrics.active.inc();
