@@ -23,9 +23,7 @@ const API: &str = "spiffe://example.org/api";
 fn identity_toml(dir: &Path, leaf: &Leaf) -> String {
     std::fs::create_dir_all(dir).unwrap();
     leaf.write_files(dir);
-    format!(
-        "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n[identity.bundles]\n\"example.org\" = \"bundle.pem\"\n"
-    )
+    "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n[identity.bundles]\n\"example.org\" = \"bundle.pem\"\n".to_string()
 }
 
 fn toml_list(items: &[&str]) -> String {

@@ -97,7 +97,7 @@ pub fn check_leaf(der: &[u8]) -> Result<LeafFacts, SvidRuleError> {
 
     Ok(LeafFacts {
         id,
-        serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
+        serial: serial_hex(cert.tbs_certificate.raw_serial()),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     })
@@ -173,7 +173,21 @@ fn check_strength(cert: &X509Certificate<'_>, which: &str) -> Result<(), SvidRul
                 });
             }
         }
-        Ok(PublicKey::EC(_)) => {}
+        Ok(PublicKey::EC(_)) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|oid| oid.to_id_string())
+                .unwrap_or_default();
+            if !ACCEPTED_CURVES.contains(&curve.as_str()) {
+                return Err(SvidRuleError::UnsupportedKey {
+                    which: which.to_string(),
+                    oid: format!("EC curve {curve} (only P-256, P-384 and P-521 are accepted)"),
+                });
+            }
+        }
         // Ed25519 is fine; x509-parser reports it as Unknown.
         Ok(PublicKey::Unknown(_)) if spki.algorithm.algorithm.to_id_string() == OID_ED25519 => {}
         _ => {
@@ -195,6 +209,9 @@ fn check_strength(cert: &X509Certificate<'_>, which: &str) -> Result<(), SvidRul
 
 const OID_ED25519: &str = "1.3.101.112";
 
+/// NIST P-256, P-384 and P-521: the curves TLS 1.3 signs with.
+const ACCEPTED_CURVES: [&str; 3] = ["1.2.840.10045.3.1.7", "1.3.132.0.34", "1.3.132.0.35"];
+
 fn weak_signature_name(oid: &str) -> Option<&'static str> {
     Some(match oid {
         "1.2.840.113549.1.1.4" => "md5WithRSAEncryption",
@@ -202,8 +219,20 @@ fn weak_signature_name(oid: &str) -> Option<&'static str> {
         "1.2.840.10045.4.1" => "ecdsa-with-SHA1",
         "1.2.840.10040.4.3" => "dsa-with-sha1",
         "1.3.14.3.2.29" => "sha1WithRSASignature (OIW)",
+        "1.2.840.113549.1.1.2" => "md2WithRSAEncryption",
+        "1.2.840.113549.1.1.3" => "md4WithRSAEncryption",
         _ => return None,
     })
+}
+
+/// A serial number as lower-case hex without DER's leading zero bytes, the
+/// way `openssl x509 -serial` prints it.
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Bit length of a big-endian unsigned modulus, ignoring DER's sign padding.

@@ -134,13 +134,22 @@ impl Tunnel {
     }
 }
 
-/// Sorts a failed TLS handshake into a result label and a readable reason.
+/// The rustls error inside an I/O error from tokio-rustls, if any.
+pub fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// Sorts a failed TLS handshake into a result label and a readable reason,
+/// and records the peer's SPIFFE ID in the connection span when the peer
+/// got far enough to show one.
 pub fn classify_handshake_error(e: &io::Error) -> (ConnResult, String) {
-    let rustls_error = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    match rustls_error {
-        Some(err) => match VerifyError::from_rustls(err) {
+    let verify_error = rustls_error(e).and_then(VerifyError::from_rustls);
+    if let Some(id) = verify_error.and_then(VerifyError::peer_id) {
+        tracing::Span::current().record("peer_id", tracing::field::display(id));
+    }
+    match rustls_error(e) {
+        Some(err) => match verify_error {
             Some(v) if v.is_denial() => (ConnResult::denied, v.to_string()),
             Some(v) => (ConnResult::handshake_error, v.to_string()),
             None => (ConnResult::handshake_error, describe_rustls(err)),

@@ -14,11 +14,11 @@ use rustls_pki_types::{DnsName, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, field, info_span, Instrument, Span};
+use tracing::{debug, field, info_span, warn, Instrument, Span};
 
-use super::copy::pipe;
+use super::copy::{pipe, CopyEnd};
 use super::inbound::end_label;
-use super::{classify_handshake_error, Tunnel};
+use super::{classify_handshake_error, rustls_error, Tunnel};
 use crate::config::OutboundConfig;
 use crate::metrics::ConnResult;
 use crate::tls::verify::{authorize_session, PeerRole};
@@ -175,6 +175,15 @@ impl Outbound {
         t.metrics.active.dec();
         t.metrics.client_to_server.inc_by(moved.client_to_server);
         t.metrics.server_to_client.inc_by(moved.server_to_client);
+        // In TLS 1.3 the server checks our certificate after our side of the
+        // handshake is done, so its refusal arrives as the first read.
+        if let CopyEnd::Failed(e) = &end {
+            if let (Some(rustls::Error::AlertReceived(alert)), 0) =
+                (rustls_error(e), moved.server_to_client)
+            {
+                warn!(alert = ?alert, "upstream refused our SVID (check its policy allows our SPIFFE ID)");
+            }
+        }
         debug!(
             sent = moved.client_to_server,
             received = moved.server_to_client,

@@ -489,7 +489,7 @@ impl LeafBuilder<'_> {
     }
 
     /// Sets basicConstraints (`IsCa::NoCa` leaves the extension out).
-    pub fn is_ca(mut self, is_ca: IsCa) -> Self {
+    pub fn basic_constraints(mut self, is_ca: IsCa) -> Self {
         self.params.is_ca = is_ca;
         self
     }
