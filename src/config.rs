@@ -3,9 +3,11 @@
 //!
 //! Parsing happens in two steps. Serde reads the file into `Raw*` structs
 //! that mirror the syntax (unknown keys are errors, values keep their byte
-//! spans); [`Config::load`] then resolves relative paths against the config
-//! file's folder, applies `[defaults]`, validates every value, and loads the
-//! policy files, so a [`Config`] that exists is one that can run.
+//! spans); [`Config::parse`] then resolves relative paths against the config
+//! file's folder, applies `[defaults]` and validates every value, so a
+//! [`Config`] that exists is one that can run. Policy files are read
+//! separately, by [`PolicySpec::load`] (see [`Config::load_policies`]), so
+//! that SIGHUP can re-read them without re-reading the config.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -190,8 +192,7 @@ enum RawSource {
 struct RawIdentity {
     source: Spanned<RawSource>,
     socket: Option<Spanned<String>>,
-    #[serde(default, with = "humantime_serde")]
-    startup_timeout: Option<Duration>,
+    startup_timeout: Option<Spanned<String>>,
     cert: Option<Spanned<String>>,
     key: Option<Spanned<String>>,
     bundles: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
@@ -207,15 +208,11 @@ struct RawAdmin {
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawSettings {
-    #[serde(default, with = "humantime_serde")]
-    handshake_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    idle_timeout: Option<Duration>,
+    handshake_timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
-    #[serde(default, with = "humantime_serde")]
-    drain_timeout: Option<Duration>,
+    drain_timeout: Option<Spanned<String>>,
     min_tls: Option<Spanned<String>>,
 }
 
@@ -228,19 +225,14 @@ macro_rules! tunnel_table {
         struct $name {
             name: Spanned<String>,
             listen: Spanned<String>,
-            #[serde(default)]
-            allow: Vec<Spanned<String>>,
+            allow: Option<Spanned<Vec<Spanned<String>>>>,
             policy: Option<Spanned<String>>,
             svid: Option<Spanned<String>>,
-            #[serde(default, with = "humantime_serde")]
-            handshake_timeout: Option<Duration>,
-            #[serde(default, with = "humantime_serde")]
-            connect_timeout: Option<Duration>,
-            #[serde(default, with = "humantime_serde")]
-            idle_timeout: Option<Duration>,
+            handshake_timeout: Option<Spanned<String>>,
+            connect_timeout: Option<Spanned<String>>,
+            idle_timeout: Option<Spanned<String>>,
             max_connections: Option<Spanned<i64>>,
-            #[serde(default, with = "humantime_serde")]
-            drain_timeout: Option<Duration>,
+            drain_timeout: Option<Spanned<String>>,
             min_tls: Option<Spanned<String>>,
             $($field: $ty,)*
         }
@@ -248,11 +240,11 @@ macro_rules! tunnel_table {
         impl $name {
             fn settings(&self) -> RawSettings {
                 RawSettings {
-                    handshake_timeout: self.handshake_timeout,
-                    connect_timeout: self.connect_timeout,
-                    idle_timeout: self.idle_timeout,
+                    handshake_timeout: self.handshake_timeout.clone(),
+                    connect_timeout: self.connect_timeout.clone(),
+                    idle_timeout: self.idle_timeout.clone(),
                     max_connections: self.max_connections.clone(),
-                    drain_timeout: self.drain_timeout,
+                    drain_timeout: self.drain_timeout.clone(),
                     min_tls: self.min_tls.clone(),
                 }
             }
@@ -373,7 +365,15 @@ impl Config {
             let listen = parse_listen(&t.listen, &key("listen"), &at)?;
             check_listen(listen, &t.listen.span(), &key("listen"))?;
             let target = parse_target(&t.target, &key("target"), &at, &resolve)?;
-            let policy = policy_spec(&t.allow, t.policy.as_ref(), &key(""), &name, &at, &resolve)?;
+            let policy = policy_spec(
+                t.allow.as_ref(),
+                t.policy.as_ref(),
+                &t.name.span(),
+                &key(""),
+                &name,
+                &at,
+                &resolve,
+            )?;
             inbound.push(InboundConfig {
                 name,
                 listen,
@@ -412,7 +412,15 @@ impl Config {
                     &at,
                 )?);
             }
-            let policy = policy_spec(&t.allow, t.policy.as_ref(), &key(""), &name, &at, &resolve)?;
+            let policy = policy_spec(
+                t.allow.as_ref(),
+                t.policy.as_ref(),
+                &t.name.span(),
+                &key(""),
+                &name,
+                &at,
+                &resolve,
+            )?;
             outbound.push(OutboundConfig {
                 name,
                 listen,
@@ -437,8 +445,8 @@ impl Config {
         })
     }
 
-    /// Loads every tunnel's policy, keyed by (kind, name). Used at start and
-    /// by `check`, so a missing or malformed policy file is caught early.
+    /// Loads every tunnel's policy (inbound tunnels in order, then outbound
+    /// ones), so a missing or malformed policy file is caught early.
     pub fn load_policies(&self) -> Result<Vec<Policy>, PolicyError> {
         self.inbound
             .iter()
@@ -531,9 +539,13 @@ fn resolve_identity(
                 }
                 None => None,
             };
+            let startup_timeout = match &raw.startup_timeout {
+                Some(v) => positive_duration(v, "identity.startup_timeout", at)?,
+                None => Duration::from_secs(30),
+            };
             Ok(IdentityConfig::WorkloadApi {
                 socket,
-                startup_timeout: raw.startup_timeout.unwrap_or(Duration::from_secs(30)),
+                startup_timeout,
             })
         }
     }
@@ -546,17 +558,28 @@ fn apply_settings(
     at: &Locator<'_>,
 ) -> Result<TunnelSettings, ConfigError> {
     let mut s = base.clone();
-    if let Some(v) = raw.handshake_timeout {
-        s.handshake_timeout = v;
+    // `base` is already valid, so checking each value where it is written
+    // checks the result and reports the line that set it.
+    for (value, field, key) in [
+        (
+            &raw.handshake_timeout,
+            &mut s.handshake_timeout,
+            "handshake_timeout",
+        ),
+        (
+            &raw.connect_timeout,
+            &mut s.connect_timeout,
+            "connect_timeout",
+        ),
+        (&raw.idle_timeout, &mut s.idle_timeout, "idle_timeout"),
+    ] {
+        if let Some(v) = value {
+            *field = positive_duration(v, &format!("{table}.{key}"), at)?;
+        }
     }
-    if let Some(v) = raw.connect_timeout {
-        s.connect_timeout = v;
-    }
-    if let Some(v) = raw.idle_timeout {
-        s.idle_timeout = v;
-    }
-    if let Some(v) = raw.drain_timeout {
-        s.drain_timeout = v;
+    if let Some(v) = &raw.drain_timeout {
+        // Zero is fine here: close live connections at once on SIGTERM.
+        s.drain_timeout = duration(v, &format!("{table}.drain_timeout"), at)?;
     }
     if let Some(v) = &raw.max_connections {
         s.max_connections = usize::try_from(*v.get_ref())
@@ -583,20 +606,34 @@ fn apply_settings(
             }
         };
     }
-    for (value, key) in [
-        (s.handshake_timeout, "handshake_timeout"),
-        (s.connect_timeout, "connect_timeout"),
-        (s.idle_timeout, "idle_timeout"),
-    ] {
-        if value.is_zero() {
-            return Err(at.error(
-                &(0..0),
-                format!("{table}.{key}"),
-                "must be longer than zero",
-            ));
-        }
-    }
     Ok(s)
+}
+
+/// A humantime duration (`"30s"`, `"500ms"`, `"1h"`).
+fn duration(value: &Spanned<String>, key: &str, at: &Locator<'_>) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.get_ref()).map_err(|e| {
+        at.error(
+            &value.span(),
+            key,
+            format!(
+                "{:?} is not a duration ({e}); write it like \"500ms\", \"30s\" or \"1h\"",
+                value.get_ref()
+            ),
+        )
+    })
+}
+
+/// A duration that must not be zero.
+fn positive_duration(
+    value: &Spanned<String>,
+    key: &str,
+    at: &Locator<'_>,
+) -> Result<Duration, ConfigError> {
+    let d = duration(value, key, at)?;
+    if d.is_zero() {
+        return Err(at.error(&value.span(), key, "must be longer than zero"));
+    }
+    Ok(d)
 }
 
 fn tunnel_name(
@@ -685,15 +722,17 @@ fn parse_svid(
 }
 
 fn policy_spec(
-    allow: &[Spanned<String>],
+    allow: Option<&Spanned<Vec<Spanned<String>>>>,
     file: Option<&Spanned<String>>,
+    tunnel_span: &Range<usize>,
     key_prefix: &str,
     tunnel: &str,
     at: &Locator<'_>,
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Result<PolicySpec, ConfigError> {
     let mut inline = Vec::new();
-    for (i, entry) in allow.iter().enumerate() {
+    let entries = allow.map(|a| a.get_ref().as_slice()).unwrap_or_default();
+    for (i, entry) in entries.iter().enumerate() {
         match policy::parse_rule(entry.get_ref()) {
             Ok(Some(rule)) => inline.push(rule),
             Ok(None) => {}
@@ -704,8 +743,10 @@ fn policy_spec(
     }
     let file = file.map(|f| resolve(f.get_ref()));
     if inline.is_empty() && file.is_none() {
+        // Point at the (empty) allow list if there is one, else at the name.
+        let span = allow.map_or_else(|| tunnel_span.clone(), |a| a.span());
         return Err(at.error(
-            &(0..0),
+            &span,
             format!("{key_prefix}allow"),
             format!("tunnel {tunnel:?} would allow nobody: add allow = [\"spiffe://...\"] or policy = \"file\""),
         ));

@@ -14,6 +14,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod proto;
 pub mod proxy;
 pub mod runtime;
 pub mod spiffe_id;
