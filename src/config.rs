@@ -532,8 +532,8 @@ fn resolve_identity(
             let socket = match &raw.socket {
                 Some(s) => {
                     let value = s.get_ref();
-                    if !(value.starts_with("unix:") || value.starts_with("tcp://")) {
-                        return Err(at.error(&s.span(), "identity.socket", format!("{value:?} is not a Workload API address (use unix:///path/api.sock or tcp://IP:port)")));
+                    if let Err(e) = crate::identity::workload_api::ApiAddress::parse(value) {
+                        return Err(at.error(&s.span(), "identity.socket", e.to_string()));
                     }
                     Some(value.clone())
                 }
@@ -682,11 +682,22 @@ fn parse_host_port(
 ) -> Result<String, ConfigError> {
     let v = value.get_ref();
     let valid = match v.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        // An IPv6 address needs brackets, or its last group would pass for the port.
+        Some((host, port)) => {
+            let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(inner) => inner.parse::<std::net::Ipv6Addr>().is_ok(),
+                None => !host.is_empty() && !host.contains(':'),
+            };
+            host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
         None => false,
     };
     if !valid {
-        return Err(at.error(&value.span(), key, format!("{v:?} is not \"host:port\"")));
+        return Err(at.error(
+            &value.span(),
+            key,
+            format!("{v:?} is not \"host:port\" (IPv6 goes in brackets: \"[::1]:8443\")"),
+        ));
     }
     Ok(v.clone())
 }
@@ -752,4 +763,1365 @@ fn policy_spec(
         ));
     }
     Ok(PolicySpec { inline, file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Decision, Effect};
+
+    /// Where the test configs pretend to live.
+    const FILE: &str = "/etc/spiffe-tunnel/tunnel.toml";
+    const DIR: &str = "/etc/spiffe-tunnel";
+
+    const WORKLOAD_API: &str = "[identity]\nsource = \"workload_api\"\n";
+
+    /// The example from DESIGN.md, verbatim.
+    const EXAMPLE: &str = r#"[identity]
+source = "workload_api"                 # or "files"
+socket = "unix:///tmp/spire-agent/public/api.sock"
+startup_timeout = "30s"                 # waiting for the first SVID
+
+# source = "files"                      # static or externally rotated PEM files, reloaded on change
+# cert = "certs/svid.pem"               # chain, leaf first
+# key = "certs/svid.key"                # PKCS#8 PEM
+# [identity.bundles]                    # trust bundle per trust domain
+# "example.org" = "certs/bundle.pem"
+# "partner.org" = "certs/partner.pem"
+
+[admin]
+listen = "127.0.0.1:9901"
+
+[defaults]                              # every tunnel inherits these; a tunnel may set any of them itself
+handshake_timeout = "10s"
+connect_timeout = "5s"
+idle_timeout = "1h"
+max_connections = 10000
+drain_timeout = "30s"
+
+[[inbound]]                             # mTLS in, plain out
+name = "api"
+listen = "0.0.0.0:8443"
+target = "127.0.0.1:3000"               # or "unix:/run/app.sock"
+allow = ["spiffe://example.org/web"]    # client IDs let in
+policy = "policies/api.policy"          # more patterns, from a file (optional)
+svid = "spiffe://example.org/api"       # which of our SVIDs to present (optional: default SVID)
+proxy_protocol = true                   # PROXY v2 header to target carrying the peer SPIFFE ID
+
+[[outbound]]                            # plain in, mTLS out
+name = "api"
+listen = "127.0.0.1:8080"
+upstreams = ["10.0.0.2:8443", "10.0.0.3:8443"]   # balanced, health-checked
+allow = ["spiffe://example.org/api"]    # server IDs accepted
+"#;
+
+    // ---- helpers -------------------------------------------------------
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new(FILE))
+    }
+
+    #[track_caller]
+    fn ok(text: &str) -> Config {
+        parse(text).unwrap_or_else(|e| panic!("config should parse, got: {e}\n---\n{text}"))
+    }
+
+    /// Parses `text`, expecting `ConfigError::Invalid` for [`FILE`];
+    /// returns (line, key, message).
+    #[track_caller]
+    fn invalid(text: &str) -> (usize, String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                file,
+                line,
+                key,
+                message,
+            }) => {
+                assert_eq!(file, FILE);
+                (line, key, message)
+            }
+            Err(other) => panic!("expected ConfigError::Invalid, got {other:?}"),
+            Ok(config) => panic!("expected an error, got {config:#?}\n---\n{text}"),
+        }
+    }
+
+    /// The 1-based line of the only line of `text` containing `needle`.
+    #[track_caller]
+    fn line_of(text: &str, needle: &str) -> usize {
+        let lines: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(needle))
+            .map(|(i, _)| i + 1)
+            .collect();
+        assert_eq!(lines.len(), 1, "{needle:?} should be on exactly one line");
+        lines[0]
+    }
+
+    /// The 1-based line of the `n`th (from 0) line of `text` containing `needle`.
+    #[track_caller]
+    fn nth_line_of(text: &str, needle: &str, n: usize) -> usize {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(needle))
+            .nth(n)
+            .unwrap_or_else(|| panic!("{needle:?} should be on at least {} lines", n + 1))
+            .0
+            + 1
+    }
+
+    /// Asserts that `text` fails on the line holding `needle`, with `key`,
+    /// and a message containing `message_part`.
+    #[track_caller]
+    fn assert_invalid(text: &str, needle: &str, key: &str, message_part: &str) {
+        let (line, got_key, message) = invalid(text);
+        assert_eq!(
+            (line, got_key.as_str()),
+            (line_of(text, needle), key),
+            "wrong location; message: {message}\n---\n{text}"
+        );
+        assert!(
+            message.contains(message_part),
+            "message {message:?} should contain {message_part:?}"
+        );
+    }
+
+    /// A workload_api config with one inbound tunnel; `extra` adds lines to
+    /// its table (TOML allows no repeated keys, so `extra` must not repeat
+    /// name/listen/target/allow unless `base` is left out by the caller).
+    fn inbound(extra: &str) -> String {
+        format!(
+            "{WORKLOAD_API}\n[[inbound]]\nname = \"in\"\nlisten = \"127.0.0.1:8443\"\n\
+             target = \"127.0.0.1:3000\"\nallow = [\"spiffe://example.org/web\"]\n{extra}"
+        )
+    }
+
+    /// A workload_api config with one outbound tunnel plus `extra` lines in it.
+    fn outbound(extra: &str) -> String {
+        format!(
+            "{WORKLOAD_API}\n[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:8080\"\n\
+             allow = [\"spiffe://example.org/api\"]\n{extra}"
+        )
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        spiffe_id::parse(s).unwrap()
+    }
+
+    fn allow(pattern: &str) -> Rule {
+        Rule {
+            effect: Effect::Allow,
+            pattern: pattern.to_string(),
+        }
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    // ---- the example from DESIGN.md ------------------------------------
+
+    #[test]
+    fn design_example_parses_with_every_value() {
+        let config = ok(EXAMPLE);
+        assert_eq!(config.path, PathBuf::from(FILE));
+        assert_eq!(
+            config.identity,
+            IdentityConfig::WorkloadApi {
+                socket: Some("unix:///tmp/spire-agent/public/api.sock".into()),
+                startup_timeout: secs(30),
+            }
+        );
+        assert_eq!(
+            config.admin.listen,
+            Some("127.0.0.1:9901".parse::<SocketAddr>().unwrap())
+        );
+        let settings = TunnelSettings {
+            handshake_timeout: secs(10),
+            connect_timeout: secs(5),
+            idle_timeout: secs(3600),
+            max_connections: 10_000,
+            drain_timeout: secs(30),
+            min_tls: MinTls::Tls13,
+        };
+
+        assert_eq!(
+            config.inbound,
+            vec![InboundConfig {
+                name: "api".into(),
+                listen: "0.0.0.0:8443".parse().unwrap(),
+                target: Target::Tcp("127.0.0.1:3000".into()),
+                policy: PolicySpec {
+                    inline: vec![allow("spiffe://example.org/web")],
+                    file: Some(PathBuf::from(DIR).join("policies/api.policy")),
+                },
+                svid: Some(id("spiffe://example.org/api")),
+                proxy_protocol: true,
+                settings: settings.clone(),
+            }]
+        );
+        assert_eq!(
+            config.outbound,
+            vec![OutboundConfig {
+                name: "api".into(),
+                listen: "127.0.0.1:8080".parse().unwrap(),
+                upstreams: vec!["10.0.0.2:8443".into(), "10.0.0.3:8443".into()],
+                policy: PolicySpec {
+                    inline: vec![allow("spiffe://example.org/api")],
+                    file: None,
+                },
+                svid: None,
+                settings,
+            }]
+        );
+    }
+
+    #[test]
+    fn design_example_with_a_unix_target() {
+        let text = EXAMPLE.replace(
+            "target = \"127.0.0.1:3000\"               # or \"unix:/run/app.sock\"",
+            "target = \"unix:/run/app.sock\"",
+        );
+        assert_ne!(text, EXAMPLE);
+        let config = ok(&text);
+        let target = &config.inbound[0].target;
+        assert_eq!(*target, Target::Unix(PathBuf::from("/run/app.sock")));
+        assert_eq!(target.to_string(), "unix:/run/app.sock");
+        assert_eq!(
+            Target::Tcp("127.0.0.1:3000".into()).to_string(),
+            "127.0.0.1:3000"
+        );
+    }
+
+    #[test]
+    fn design_example_with_files_source() {
+        let text = EXAMPLE
+            .replace(
+                "source = \"workload_api\"                 # or \"files\"\n\
+                 socket = \"unix:///tmp/spire-agent/public/api.sock\"\n\
+                 startup_timeout = \"30s\"                 # waiting for the first SVID\n",
+                "",
+            )
+            .replace("# source = \"files\"", "source = \"files\"")
+            .replace("# cert = ", "cert = ")
+            .replace("# key = ", "key = ")
+            .replace("# [identity.bundles]", "[identity.bundles]")
+            .replace("# \"example.org\"", "\"example.org\"")
+            .replace("# \"partner.org\"", "\"partner.org\"");
+        let config = ok(&text);
+        let dir = Path::new(DIR);
+        let IdentityConfig::Files(files) = &config.identity else {
+            panic!("expected files identity, got {:?}", config.identity);
+        };
+        assert_eq!(files.cert, dir.join("certs/svid.pem"));
+        assert_eq!(files.key, dir.join("certs/svid.key"));
+        let bundles: Vec<(String, PathBuf)> = files
+            .bundles
+            .iter()
+            .map(|(td, p)| (td.to_string(), p.clone()))
+            .collect();
+        assert_eq!(
+            bundles,
+            vec![
+                ("example.org".into(), dir.join("certs/bundle.pem")),
+                ("partner.org".into(), dir.join("certs/partner.pem")),
+            ]
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_defaults_to_off_and_svid_to_none() {
+        let config = ok(&inbound(""));
+        assert!(!config.inbound[0].proxy_protocol);
+        assert_eq!(config.inbound[0].svid, None);
+        assert!(config.outbound.is_empty());
+        assert_eq!(config.admin, AdminConfig { listen: None });
+        let config = ok(&inbound("proxy_protocol = false\n"));
+        assert!(!config.inbound[0].proxy_protocol);
+    }
+
+    #[test]
+    fn workload_api_defaults_and_explicit_values() {
+        let config = ok(&inbound(""));
+        assert_eq!(
+            config.identity,
+            IdentityConfig::WorkloadApi {
+                socket: None,
+                startup_timeout: secs(30),
+            }
+        );
+        let text = inbound("").replace(
+            WORKLOAD_API,
+            "[identity]\nsource = \"workload_api\"\nsocket = \"tcp://127.0.0.1:8081\"\nstartup_timeout = \"2m 30s\"\n",
+        );
+        assert_eq!(
+            ok(&text).identity,
+            IdentityConfig::WorkloadApi {
+                socket: Some("tcp://127.0.0.1:8081".into()),
+                startup_timeout: secs(150),
+            }
+        );
+    }
+
+    // ---- defaults --------------------------------------------------------
+
+    #[test]
+    fn built_in_defaults_apply_when_nothing_is_set() {
+        let text = format!(
+            "{}\n[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:8080\"\n\
+             upstreams = [\"10.0.0.2:8443\"]\nallow = [\"spiffe://example.org/api\"]\n",
+            inbound("")
+        );
+        let config = ok(&text);
+        let expected = TunnelSettings {
+            handshake_timeout: secs(10),
+            connect_timeout: secs(5),
+            idle_timeout: secs(3600),
+            max_connections: 10_000,
+            drain_timeout: secs(30),
+            min_tls: MinTls::Tls13,
+        };
+        assert_eq!(TunnelSettings::default(), expected);
+        assert_eq!(config.inbound[0].settings, expected);
+        assert_eq!(config.outbound[0].settings, expected);
+    }
+
+    #[test]
+    fn defaults_table_applies_to_every_tunnel() {
+        let text = format!(
+            "{WORKLOAD_API}\n[defaults]\nhandshake_timeout = \"2s\"\nconnect_timeout = \"750ms\"\n\
+             idle_timeout = \"4m\"\nmax_connections = 50\ndrain_timeout = \"7s\"\nmin_tls = \"1.2\"\n\
+             [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
+             allow = [\"spiffe://example.org/web\"]\n\
+             [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
+             allow = [\"spiffe://example.org/web\"]\n\
+             [[outbound]]\nname = \"c\"\nlisten = \"127.0.0.1:1003\"\nupstreams = [\"x:1\"]\n\
+             allow = [\"spiffe://example.org/api\"]\n"
+        );
+        let config = ok(&text);
+        let expected = TunnelSettings {
+            handshake_timeout: secs(2),
+            connect_timeout: Duration::from_millis(750),
+            idle_timeout: secs(240),
+            max_connections: 50,
+            drain_timeout: secs(7),
+            min_tls: MinTls::Tls12,
+        };
+        assert_eq!(config.inbound[0].settings, expected);
+        assert_eq!(config.inbound[1].settings, expected);
+        assert_eq!(config.outbound[0].settings, expected);
+    }
+
+    #[test]
+    fn a_tunnel_key_overrides_the_default_and_unset_keys_stay_built_in() {
+        let text = format!(
+            "{WORKLOAD_API}\n[defaults]\nhandshake_timeout = \"2s\"\nmax_connections = 50\nmin_tls = \"1.2\"\n\
+             [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
+             allow = [\"spiffe://example.org/web\"]\nhandshake_timeout = \"500ms\"\n\
+             max_connections = 7\nmin_tls = \"1.3\"\nidle_timeout = \"90s\"\n\
+             [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
+             allow = [\"spiffe://example.org/web\"]\n\
+             [[outbound]]\nname = \"c\"\nlisten = \"127.0.0.1:1003\"\nupstreams = [\"x:1\"]\n\
+             allow = [\"spiffe://example.org/api\"]\nconnect_timeout = \"1s\"\ndrain_timeout = \"0s\"\n"
+        );
+        let config = ok(&text);
+        assert_eq!(
+            config.inbound[0].settings,
+            TunnelSettings {
+                handshake_timeout: Duration::from_millis(500),
+                connect_timeout: secs(5),
+                idle_timeout: secs(90),
+                max_connections: 7,
+                drain_timeout: secs(30),
+                min_tls: MinTls::Tls13,
+            }
+        );
+        // The tunnel's own keys do not leak into its neighbours.
+        assert_eq!(
+            config.inbound[1].settings,
+            TunnelSettings {
+                handshake_timeout: secs(2),
+                connect_timeout: secs(5),
+                idle_timeout: secs(3600),
+                max_connections: 50,
+                drain_timeout: secs(30),
+                min_tls: MinTls::Tls12,
+            }
+        );
+        assert_eq!(
+            config.outbound[0].settings,
+            TunnelSettings {
+                handshake_timeout: secs(2),
+                connect_timeout: secs(1),
+                idle_timeout: secs(3600),
+                max_connections: 50,
+                drain_timeout: Duration::ZERO,
+                min_tls: MinTls::Tls12,
+            }
+        );
+    }
+
+    #[test]
+    fn min_tls_versions() {
+        assert_eq!(
+            ok(&inbound("min_tls = \"1.2\"\n")).inbound[0]
+                .settings
+                .min_tls,
+            MinTls::Tls12
+        );
+        assert_eq!(
+            ok(&inbound("min_tls = \"1.3\"\n")).inbound[0]
+                .settings
+                .min_tls,
+            MinTls::Tls13
+        );
+        assert_eq!(
+            ok(&outbound("upstreams = [\"x:1\"]\nmin_tls = \"1.2\"\n")).outbound[0]
+                .settings
+                .min_tls,
+            MinTls::Tls12
+        );
+        for bad in ["1.1", "1.0", "TLSv1.3", "1.4", ""] {
+            let text = inbound(&format!("min_tls = \"{bad}\"\n"));
+            assert_invalid(
+                &text,
+                "min_tls",
+                "inbound[0].min_tls",
+                "is not a TLS version",
+            );
+        }
+        let text = format!("{WORKLOAD_API}[defaults]\nmin_tls = \"1.1\"\n")
+            + &inbound("").replace(WORKLOAD_API, "");
+        assert_invalid(&text, "min_tls", "defaults.min_tls", "\"1.1\"");
+        // A number is a type error from the TOML layer, on its line.
+        let text = inbound("min_tls = 1.3\n");
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, line_of(&text, "min_tls"), "{message}");
+    }
+
+    // ---- paths -----------------------------------------------------------
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let text = r#"
+[identity]
+source = "files"
+cert = "certs/svid.pem"
+key = "../keys/svid.key"
+[identity.bundles]
+"example.org" = "bundle.pem"
+"partner.org" = "/opt/bundles/partner.pem"
+
+[[inbound]]
+name = "rel"
+listen = "127.0.0.1:1001"
+target = "unix:run/app.sock"
+policy = "policies/rel.policy"
+
+[[inbound]]
+name = "abs"
+listen = "127.0.0.1:1002"
+target = "unix:/run/app.sock"
+policy = "/srv/policies/abs.policy"
+
+[[outbound]]
+name = "out"
+listen = "127.0.0.1:1003"
+upstreams = ["10.0.0.2:8443"]
+policy = "out.policy"
+"#;
+        let config = ok(text);
+        let dir = Path::new(DIR);
+        let IdentityConfig::Files(files) = &config.identity else {
+            panic!("expected files identity");
+        };
+        assert_eq!(
+            files.cert,
+            PathBuf::from("/etc/spiffe-tunnel/certs/svid.pem")
+        );
+        assert_eq!(files.key, dir.join("../keys/svid.key"));
+        assert_eq!(
+            files.bundles[&spiffe_id::parse_trust_domain("example.org").unwrap()],
+            dir.join("bundle.pem")
+        );
+        assert_eq!(
+            files.bundles[&spiffe_id::parse_trust_domain("partner.org").unwrap()],
+            PathBuf::from("/opt/bundles/partner.pem")
+        );
+
+        let rel = &config.inbound[0];
+        assert_eq!(rel.target, Target::Unix(dir.join("run/app.sock")));
+        assert_eq!(rel.policy.file, Some(dir.join("policies/rel.policy")));
+        assert!(rel.policy.inline.is_empty());
+
+        let abs = &config.inbound[1];
+        assert_eq!(abs.target, Target::Unix(PathBuf::from("/run/app.sock")));
+        assert_eq!(
+            abs.policy.file,
+            Some(PathBuf::from("/srv/policies/abs.policy"))
+        );
+
+        assert_eq!(config.outbound[0].policy.file, Some(dir.join("out.policy")));
+    }
+
+    #[test]
+    fn relative_config_path_keeps_relative_paths_relative_to_its_folder() {
+        let text = inbound("policy = \"api.policy\"\n");
+        let config = Config::parse(&text, Path::new("conf/tunnel.toml")).unwrap();
+        assert_eq!(
+            config.inbound[0].policy.file,
+            Some(PathBuf::from("conf/api.policy"))
+        );
+        let config = Config::parse(&text, Path::new("tunnel.toml")).unwrap();
+        assert_eq!(
+            config.inbound[0].policy.file,
+            Some(PathBuf::from("api.policy"))
+        );
+    }
+
+    // ---- errors: syntax and unknown keys -------------------------------
+
+    #[test]
+    fn error_display_is_file_line_key_message() {
+        let err = ConfigError::Invalid {
+            file: "t.toml".into(),
+            line: 9,
+            key: "inbound[0].listen".into(),
+            message: "bad".into(),
+        };
+        assert_eq!(err.to_string(), "t.toml:9: inbound[0].listen: bad");
+        let err = ConfigError::Invalid {
+            file: "t.toml".into(),
+            line: 3,
+            key: String::new(),
+            message: "bad".into(),
+        };
+        assert_eq!(err.to_string(), "t.toml:3: bad");
+
+        let text = inbound("").replace("127.0.0.1:8443", "nowhere");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{FILE}:{}: inbound[0].listen: \"nowhere\" is not a listen address \
+                 (expected IP:port, like \"0.0.0.0:8443\" or \"[::1]:8443\")",
+                line_of(&text, "nowhere")
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key() {
+        let text = format!("# a comment\n\nbogus = true\n{}", inbound(""));
+        let (line, key, message) = invalid(&text);
+        assert_eq!(line, 3, "{message}");
+        assert_eq!(key, "");
+        assert!(message.contains("unknown field `bogus`"), "{message}");
+    }
+
+    #[test]
+    fn unknown_key_inside_tables() {
+        let text = inbound("colour = \"blue\"\n");
+        let (line, key, message) = invalid(&text);
+        assert_eq!(line, line_of(&text, "colour"), "{message}");
+        assert_eq!(key, "");
+        assert!(message.contains("unknown field `colour`"), "{message}");
+
+        // In the second of two tunnels, on its own line.
+        let text = format!(
+            "{}\n[[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:2\"\ntarget = \"x:1\"\n\
+             allow = [\"spiffe://example.org/b\"]\ntarget_port = 1\n",
+            inbound("")
+        );
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, line_of(&text, "target_port"), "{message}");
+        assert!(message.contains("unknown field `target_port`"), "{message}");
+
+        // An inbound-only key in an outbound table.
+        let text = outbound("upstreams = [\"x:1\"]\nproxy_protocol = true\n");
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, line_of(&text, "proxy_protocol"), "{message}");
+        assert!(
+            message.contains("unknown field `proxy_protocol`"),
+            "{message}"
+        );
+
+        for (table, text) in [
+            (
+                "defaults",
+                format!("{}[defaults]\nmax_conns = 5\n", inbound("")),
+            ),
+            ("admin", format!("{}[admin]\nmax_conns = 5\n", inbound(""))),
+            (
+                "identity",
+                inbound("").replace(WORKLOAD_API, &format!("{WORKLOAD_API}max_conns = 5\n")),
+            ),
+        ] {
+            let (line, _, message) = invalid(&text);
+            assert_eq!(line, line_of(&text, "max_conns"), "[{table}]: {message}");
+            assert!(message.contains("unknown field `max_conns`"), "{message}");
+        }
+    }
+
+    #[test]
+    fn missing_identity_and_bad_source() {
+        let text = inbound("").replace(WORKLOAD_API, "");
+        let (_, _, message) = invalid(&text);
+        assert!(message.contains("identity"), "{message}");
+
+        let text = inbound("").replace("workload_api", "spire");
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, line_of(&text, "spire"), "{message}");
+
+        let text = "[identity\nsource = \"files\"\n";
+        let (line, _, _) = invalid(text);
+        assert_eq!(line, 1);
+    }
+
+    // ---- errors: addresses ---------------------------------------------
+
+    #[test]
+    fn bad_listen_addresses() {
+        for bad in [
+            "nowhere",
+            "127.0.0.1",
+            "localhost:8443",
+            "127.0.0.1:99999",
+            ":8443",
+            "::1:8443",
+        ] {
+            let text = inbound("").replace("127.0.0.1:8443", bad);
+            assert_invalid(
+                &text,
+                "listen =",
+                "inbound[0].listen",
+                "is not a listen address",
+            );
+        }
+        let text = outbound("upstreams = [\"x:1\"]\n").replace("127.0.0.1:8080", "0.0.0.0");
+        assert_invalid(
+            &text,
+            "listen =",
+            "outbound[0].listen",
+            "is not a listen address",
+        );
+
+        let text = format!("{}\n[admin]\nlisten = \"localhost:9901\"\n", inbound(""));
+        assert_invalid(
+            &text,
+            "localhost:9901",
+            "admin.listen",
+            "is not a listen address",
+        );
+
+        // IPv6 in brackets is fine.
+        let config = ok(&inbound("").replace("127.0.0.1:8443", "[::1]:8443"));
+        assert_eq!(config.inbound[0].listen, "[::1]:8443".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_upstreams() {
+        for bad in [
+            "10.0.0.2",
+            "10.0.0.2:0",
+            ":8443",
+            "10.0.0.2:65536",
+            "10.0.0.2:https",
+            "10.0.0.2:",
+        ] {
+            let text = outbound(&format!(
+                "upstreams = [\n  \"10.0.0.1:8443\",\n  \"{bad}\",  # the bad one\n]\n"
+            ));
+            assert_invalid(
+                &text,
+                "the bad one",
+                "outbound[0].upstreams[1]",
+                "is not \"host:port\"",
+            );
+        }
+        let config = ok(&outbound(
+            "upstreams = [\"api.internal:8443\", \"[::1]:8443\", \"10.0.0.2:65535\"]\n",
+        ));
+        assert_eq!(
+            config.outbound[0].upstreams,
+            vec!["api.internal:8443", "[::1]:8443", "10.0.0.2:65535"]
+        );
+    }
+
+    #[test]
+    fn empty_or_missing_upstreams() {
+        let text = outbound("upstreams = []\n");
+        assert_invalid(
+            &text,
+            "upstreams",
+            "outbound[0].upstreams",
+            "needs at least one",
+        );
+        let text = outbound("");
+        let (_, _, message) = invalid(&text);
+        assert!(message.contains("missing field `upstreams`"), "{message}");
+    }
+
+    #[test]
+    fn bad_targets() {
+        for bad in ["127.0.0.1", "127.0.0.1:0", ":3000", "unix:"] {
+            let text = inbound("").replace(
+                "target = \"127.0.0.1:3000\"",
+                &format!("target = \"{bad}\""),
+            );
+            let (line, key, message) = invalid(&text);
+            assert_eq!(
+                (line, key.as_str()),
+                (line_of(&text, "target ="), "inbound[0].target"),
+                "{bad}: {message}"
+            );
+        }
+        let config = ok(&inbound("").replace("127.0.0.1:3000", "app.internal:3000"));
+        assert_eq!(
+            config.inbound[0].target,
+            Target::Tcp("app.internal:3000".into())
+        );
+    }
+
+    // ---- errors: names and duplicates ----------------------------------
+
+    fn two_tunnels(first: (&str, &str, &str), second: (&str, &str, &str)) -> String {
+        let table = |(kind, name, listen): (&str, &str, &str)| {
+            let target = if kind == "inbound" {
+                "target = \"127.0.0.1:3000\"\n"
+            } else {
+                "upstreams = [\"10.0.0.2:8443\"]\n"
+            };
+            format!(
+                "[[{kind}]]\nname = \"{name}\"\nlisten = \"{listen}\"\n{target}\
+                 allow = [\"spiffe://example.org/x\"]\n"
+            )
+        };
+        format!("{WORKLOAD_API}\n{}\n{}", table(first), table(second))
+    }
+
+    #[test]
+    fn duplicate_tunnel_names_within_a_kind() {
+        let text = two_tunnels(
+            ("inbound", "api", "127.0.0.1:1"),
+            ("inbound", "api", "127.0.0.1:2"),
+        );
+        let (line, key, message) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (nth_line_of(&text, "name = \"api\"", 1), "inbound[1].name"),
+            "{message}"
+        );
+        assert!(message.contains("already named \"api\""), "{message}");
+
+        let text = two_tunnels(
+            ("outbound", "api", "127.0.0.1:1"),
+            ("outbound", "api", "127.0.0.1:2"),
+        );
+        let (line, key, _) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (nth_line_of(&text, "name = \"api\"", 1), "outbound[1].name")
+        );
+
+        // The same name for an inbound and an outbound tunnel is fine.
+        let config = ok(&two_tunnels(
+            ("inbound", "api", "127.0.0.1:1"),
+            ("outbound", "api", "127.0.0.1:2"),
+        ));
+        assert_eq!(config.inbound[0].name, "api");
+        assert_eq!(config.outbound[0].name, "api");
+    }
+
+    #[test]
+    fn duplicate_listen_addresses() {
+        for (first, second, key) in [
+            ("inbound", "inbound", "inbound[1].listen"),
+            ("inbound", "outbound", "outbound[0].listen"),
+            ("outbound", "outbound", "outbound[1].listen"),
+        ] {
+            let text = two_tunnels(
+                (first, "a", "127.0.0.1:8443"),
+                (second, "b", "127.0.0.1:8443"),
+            );
+            let (line, got, message) = invalid(&text);
+            assert_eq!(
+                (line, got.as_str()),
+                (nth_line_of(&text, "listen =", 1), key),
+                "{message}"
+            );
+            assert!(
+                message.contains("127.0.0.1:8443 is already used"),
+                "{message}"
+            );
+        }
+
+        // With admin.listen, which is read first.
+        let text = format!("{}\n[admin]\nlisten = \"127.0.0.1:8443\"\n", inbound(""));
+        let (line, key, message) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (nth_line_of(&text, "listen =", 0), "inbound[0].listen"),
+            "{message}"
+        );
+        assert!(message.contains("already used"), "{message}");
+        // Admin first in the file makes no difference: the tunnel is blamed.
+        let text = inbound("").replace(
+            WORKLOAD_API,
+            &format!("{WORKLOAD_API}[admin]\nlisten = \"127.0.0.1:8443\"\n"),
+        );
+        let (line, key, _) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (nth_line_of(&text, "listen =", 1), "inbound[0].listen")
+        );
+
+        // Same port on another address, or another port, is fine.
+        ok(&two_tunnels(
+            ("inbound", "a", "127.0.0.1:8443"),
+            ("outbound", "b", "127.0.0.2:8443"),
+        ));
+        ok(&format!(
+            "{}\n[admin]\nlisten = \"127.0.0.1:9901\"\n",
+            inbound("")
+        ));
+    }
+
+    #[test]
+    fn invalid_tunnel_names() {
+        let long = "a".repeat(65);
+        for bad in ["my api", "", long.as_str(), "api/v1", "api:1", "ä"] {
+            let text = inbound("").replace("name = \"in\"", &format!("name = \"{bad}\""));
+            assert_invalid(&text, "name =", "inbound[0].name", "is not a tunnel name");
+            let text = outbound("upstreams = [\"x:1\"]\n")
+                .replace("name = \"out\"", &format!("name = \"{bad}\""));
+            assert_invalid(&text, "name =", "outbound[0].name", "is not a tunnel name");
+        }
+        let longest = "b".repeat(64);
+        for good in ["a", "api-v1_2.prod", "API", "0", longest.as_str()] {
+            let text = inbound("").replace("name = \"in\"", &format!("name = \"{good}\""));
+            assert_eq!(ok(&text).inbound[0].name, good);
+        }
+    }
+
+    // ---- errors: identities and policies -------------------------------
+
+    #[test]
+    fn bad_svid() {
+        for (bad, part) in [
+            ("spiffe://Example.org/api", "lower case"),
+            ("spiffe://example.org", "needs a workload path"),
+            ("spiffe://example.org/", "invalid SPIFFE ID"),
+            ("https://example.org/api", "spiffe://"),
+            ("SPIFFE://example.org/api", "spiffe://"),
+        ] {
+            let text = inbound(&format!("svid = \"{bad}\"\n"));
+            assert_invalid(&text, "svid", "inbound[0].svid", part);
+        }
+        let text = outbound("upstreams = [\"x:1\"]\nsvid = \"spiffe://EXAMPLE.org/api\"\n");
+        assert_invalid(&text, "svid", "outbound[0].svid", "lower case");
+        let config = ok(&outbound(
+            "upstreams = [\"x:1\"]\nsvid = \"spiffe://example.org/ns/prod/sa/api\"\n",
+        ));
+        assert_eq!(
+            config.outbound[0].svid,
+            Some(id("spiffe://example.org/ns/prod/sa/api"))
+        );
+    }
+
+    #[test]
+    fn bad_allow_entry_names_its_index_and_line() {
+        let text = inbound("").replace(
+            "allow = [\"spiffe://example.org/web\"]",
+            "allow = [\n    \"spiffe://example.org/web\",\n    \"spiffe://example.org/web-*\",\n]",
+        );
+        assert_invalid(
+            &text,
+            "web-*",
+            "inbound[0].allow[1]",
+            "a wildcard must be a whole path segment",
+        );
+
+        let text = outbound("upstreams = [\"x:1\"]\n").replace(
+            "allow = [\"spiffe://example.org/api\"]",
+            "allow = [\"deny spiffe://example.org/a\", \"spiffe://*.example.org/a\"]",
+        );
+        assert_invalid(
+            &text,
+            "allow",
+            "outbound[0].allow[1]",
+            "trust domain must be literal",
+        );
+
+        let text = inbound("").replace("spiffe://example.org/web", "spiffe://example.org");
+        assert_invalid(&text, "allow", "inbound[0].allow[0]", "needs a path");
+    }
+
+    #[test]
+    fn inline_allow_entries_keep_effect_and_order() {
+        let text = inbound("").replace(
+            "allow = [\"spiffe://example.org/web\"]",
+            "allow = [\"spiffe://example.org/web\", \"deny spiffe://example.org/ns/*/legacy\", \
+             \"# a comment entry is skipped\", \"allow spiffe://partner.org/**\"]",
+        );
+        let config = ok(&text);
+        assert_eq!(
+            config.inbound[0].policy,
+            PolicySpec {
+                inline: vec![
+                    allow("spiffe://example.org/web"),
+                    Rule {
+                        effect: Effect::Deny,
+                        pattern: "spiffe://example.org/ns/*/legacy".into()
+                    },
+                    allow("spiffe://partner.org/**"),
+                ],
+                file: None,
+            }
+        );
+    }
+
+    #[test]
+    fn a_tunnel_must_allow_someone() {
+        // Neither allow nor policy: reported at the tunnel's name.
+        let text = format!(
+            "{WORKLOAD_API}\n[[inbound]]\nname = \"lonely\"\nlisten = \"127.0.0.1:1\"\n\
+             target = \"127.0.0.1:2\"\n"
+        );
+        assert_invalid(&text, "lonely", "inbound[0].allow", "would allow nobody");
+
+        let text = format!(
+            "{WORKLOAD_API}\n[[outbound]]\nname = \"lonely\"\nlisten = \"127.0.0.1:1\"\n\
+             upstreams = [\"x:1\"]\n"
+        );
+        assert_invalid(&text, "lonely", "outbound[0].allow", "would allow nobody");
+
+        // An empty list, or one with only comments, at the list.
+        for list in ["[]", "[\"# nobody yet\", \"  \"]"] {
+            let text = inbound("").replace("[\"spiffe://example.org/web\"]", list);
+            assert_invalid(&text, "allow =", "inbound[0].allow", "would allow nobody");
+        }
+
+        // A policy file alone is enough (it is not read by parse).
+        let text = format!(
+            "{WORKLOAD_API}\n[[inbound]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\n\
+             target = \"127.0.0.1:2\"\npolicy = \"p.policy\"\n"
+        );
+        let config = ok(&text);
+        assert_eq!(
+            config.inbound[0].policy,
+            PolicySpec {
+                inline: vec![],
+                file: Some(Path::new(DIR).join("p.policy")),
+            }
+        );
+    }
+
+    // ---- errors: settings ------------------------------------------------
+
+    #[test]
+    fn bad_duration_strings() {
+        for key in [
+            "handshake_timeout",
+            "connect_timeout",
+            "idle_timeout",
+            "drain_timeout",
+        ] {
+            let text = inbound(&format!("{key} = \"5 parsecs\"\n"));
+            assert_invalid(
+                &text,
+                "parsecs",
+                &format!("inbound[0].{key}"),
+                "\"5 parsecs\" is not a duration",
+            );
+
+            let text = outbound(&format!("upstreams = [\"x:1\"]\n{key} = \"soon\"\n"));
+            assert_invalid(
+                &text,
+                "soon",
+                &format!("outbound[0].{key}"),
+                "is not a duration",
+            );
+
+            let text = format!("{}\n[defaults]\n{key} = \"10 s x\"\n", inbound(""));
+            assert_invalid(
+                &text,
+                "10 s x",
+                &format!("defaults.{key}"),
+                "is not a duration",
+            );
+        }
+        let text = inbound("").replace(
+            WORKLOAD_API,
+            &format!("{WORKLOAD_API}startup_timeout = \"5 parsecs\"\n"),
+        );
+        assert_invalid(
+            &text,
+            "parsecs",
+            "identity.startup_timeout",
+            "is not a duration",
+        );
+
+        // A bare number is not a duration either (the TOML layer says so).
+        let text = inbound("connect_timeout = 5\n");
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, line_of(&text, "connect_timeout"), "{message}");
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused_where_they_are_written() {
+        for key in ["handshake_timeout", "connect_timeout", "idle_timeout"] {
+            let text = inbound(&format!("{key} = \"0s\"\n"));
+            assert_invalid(
+                &text,
+                "0s",
+                &format!("inbound[0].{key}"),
+                "must be longer than zero",
+            );
+
+            let text = outbound(&format!("upstreams = [\"x:1\"]\n{key} = \"0ms\"\n"));
+            assert_invalid(
+                &text,
+                "0ms",
+                &format!("outbound[0].{key}"),
+                "must be longer than zero",
+            );
+
+            let text = format!("{}\n[defaults]\n{key} = \"0s\"\n", inbound(""));
+            assert_invalid(
+                &text,
+                "0s",
+                &format!("defaults.{key}"),
+                "must be longer than zero",
+            );
+        }
+        let text = inbound("").replace(
+            WORKLOAD_API,
+            &format!("{WORKLOAD_API}startup_timeout = \"0s\"\n"),
+        );
+        assert_invalid(
+            &text,
+            "0s",
+            "identity.startup_timeout",
+            "must be longer than zero",
+        );
+
+        // drain_timeout = 0 means "close at once on SIGTERM", which is allowed.
+        let config = ok(&format!(
+            "{}\n[defaults]\ndrain_timeout = \"0s\"\n",
+            inbound("")
+        ));
+        assert_eq!(config.inbound[0].settings.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn max_connections_must_be_positive() {
+        for bad in ["0", "-1", "-10000"] {
+            let text = inbound(&format!("max_connections = {bad}\n"));
+            assert_invalid(
+                &text,
+                "max_connections",
+                "inbound[0].max_connections",
+                "at least 1",
+            );
+
+            let text = outbound(&format!("upstreams = [\"x:1\"]\nmax_connections = {bad}\n"));
+            assert_invalid(
+                &text,
+                "max_connections",
+                "outbound[0].max_connections",
+                "at least 1",
+            );
+
+            let text = format!("{}\n[defaults]\nmax_connections = {bad}\n", inbound(""));
+            assert_invalid(
+                &text,
+                "max_connections",
+                "defaults.max_connections",
+                "at least 1",
+            );
+        }
+        assert_eq!(
+            ok(&inbound("max_connections = 1\n")).inbound[0]
+                .settings
+                .max_connections,
+            1
+        );
+        // Not an integer: the TOML layer refuses it on its line.
+        let text = inbound("max_connections = \"10\"\n");
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, line_of(&text, "max_connections"), "{message}");
+    }
+
+    // ---- errors: identity ------------------------------------------------
+
+    fn files_identity(body: &str) -> String {
+        format!(
+            "[identity]\nsource = \"files\"\n{body}\n[[inbound]]\nname = \"in\"\n\
+             listen = \"127.0.0.1:8443\"\ntarget = \"127.0.0.1:3000\"\n\
+             allow = [\"spiffe://example.org/web\"]\n"
+        )
+    }
+
+    const CERT_KEY: &str = "cert = \"svid.pem\"\nkey = \"svid.key\"\n";
+    const BUNDLES: &str = "[identity.bundles]\n\"example.org\" = \"bundle.pem\"\n";
+
+    #[test]
+    fn files_source_needs_cert_key_and_bundles() {
+        ok(&files_identity(&format!("{CERT_KEY}{BUNDLES}")));
+
+        let text = files_identity(&format!("key = \"svid.key\"\n{BUNDLES}"));
+        assert_invalid(&text, "source", "identity.cert", "needs cert");
+
+        let text = files_identity(&format!("cert = \"svid.pem\"\n{BUNDLES}"));
+        assert_invalid(&text, "source", "identity.key", "needs key");
+
+        let text = files_identity(CERT_KEY);
+        assert_invalid(&text, "source", "identity.bundles", "[identity.bundles]");
+
+        let text = files_identity(&format!("{CERT_KEY}[identity.bundles]\n"));
+        let (_, key, message) = invalid(&text);
+        assert_eq!(key, "identity.bundles");
+        assert!(message.contains("at least one trust domain"), "{message}");
+
+        let text = files_identity(&format!(
+            "{CERT_KEY}socket = \"unix:///tmp/api.sock\"\n{BUNDLES}"
+        ));
+        assert_invalid(&text, "socket", "identity.socket", "workload_api");
+    }
+
+    #[test]
+    fn bad_trust_domain_in_bundles() {
+        for (bad, part) in [
+            ("Example.org", "lower case"),
+            ("spiffe://example.org", "is not a trust domain name"),
+            ("", "trust domain is missing"),
+        ] {
+            let text = files_identity(&format!(
+                "{CERT_KEY}[identity.bundles]\n\"example.org\" = \"a.pem\"\n\"{bad}\" = \"b.pem\"\n"
+            ));
+            assert_invalid(&text, "b.pem", &format!("identity.bundles.\"{bad}\""), part);
+        }
+    }
+
+    #[test]
+    fn workload_api_refuses_file_keys() {
+        for (line, key) in [
+            ("cert = \"svid.pem\"", "identity.cert"),
+            ("key = \"svid.key\"", "identity.key"),
+        ] {
+            let text = inbound("").replace(WORKLOAD_API, &format!("{WORKLOAD_API}{line}\n"));
+            assert_invalid(&text, line, key, "only used with source = \"files\"");
+        }
+        let text = inbound("").replace(
+            WORKLOAD_API,
+            &format!("{WORKLOAD_API}bundles = {{ \"example.org\" = \"b.pem\" }}\n"),
+        );
+        assert_invalid(
+            &text,
+            "bundles",
+            "identity.bundles",
+            "only used with source = \"files\"",
+        );
+    }
+
+    #[test]
+    fn workload_api_socket_scheme() {
+        for bad in [
+            "http://127.0.0.1:8081",
+            "/tmp/spire-agent/public/api.sock",
+            "tcp:127.0.0.1:1",
+            "",
+        ] {
+            let text =
+                inbound("").replace(WORKLOAD_API, &format!("{WORKLOAD_API}socket = \"{bad}\"\n"));
+            assert_invalid(
+                &text,
+                "socket",
+                "identity.socket",
+                "is not a Workload API address",
+            );
+        }
+        for good in [
+            "unix:///tmp/spire-agent/public/api.sock",
+            "tcp://127.0.0.1:8081",
+        ] {
+            let text = inbound("").replace(
+                WORKLOAD_API,
+                &format!("{WORKLOAD_API}socket = \"{good}\"\n"),
+            );
+            let IdentityConfig::WorkloadApi { socket, .. } = ok(&text).identity else {
+                panic!("expected workload_api");
+            };
+            assert_eq!(socket.as_deref(), Some(good));
+        }
+    }
+
+    #[test]
+    fn no_tunnels_at_all() {
+        for text in [
+            WORKLOAD_API.to_string(),
+            format!("{WORKLOAD_API}\n[admin]\nlisten = \"127.0.0.1:9901\"\n[defaults]\nidle_timeout = \"1m\"\n"),
+            format!("inbound = []\noutbound = []\n{WORKLOAD_API}"),
+        ] {
+            let (line, key, message) = invalid(&text);
+            assert_eq!((line, key.as_str()), (1, ""));
+            assert!(message.contains("no tunnels"), "{message}");
+        }
+    }
+
+    // ---- policy files and loading --------------------------------------
+
+    #[test]
+    fn policy_spec_combines_inline_rules_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(
+            dir.path().join("policies/api.policy"),
+            "# who may call the api\n\nspiffe://example.org/ns/prod/*   # prod workloads\n\
+             deny spiffe://example.org/ns/prod/legacy\n",
+        )
+        .unwrap();
+        let path = dir.path().join("tunnel.toml");
+        std::fs::write(&path, EXAMPLE).unwrap();
+
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.path, path);
+        let spec = &config.inbound[0].policy;
+        assert_eq!(spec.file, Some(dir.path().join("policies/api.policy")));
+
+        let policy = spec.load().unwrap();
+        assert_eq!(policy.len(), 3);
+        assert_eq!(
+            policy.decide(&id("spiffe://example.org/web")),
+            Decision::Allowed("spiffe://example.org/web")
+        );
+        assert_eq!(
+            policy.decide(&id("spiffe://example.org/ns/prod/api")),
+            Decision::Allowed("spiffe://example.org/ns/prod/*")
+        );
+        assert_eq!(
+            policy.decide(&id("spiffe://example.org/ns/prod/legacy")),
+            Decision::Denied("spiffe://example.org/ns/prod/legacy")
+        );
+        assert!(!policy.allows(&id("spiffe://example.org/api")));
+        assert!(!policy.allows(&id("spiffe://example.org/ns/prod/a/b")));
+
+        // Inline only: no file read.
+        let outbound = config.outbound[0].policy.load().unwrap();
+        assert_eq!(outbound.len(), 1);
+        assert!(outbound.allows(&id("spiffe://example.org/api")));
+        assert!(!outbound.allows(&id("spiffe://example.org/web")));
+
+        let all = config.load_policies().unwrap();
+        assert_eq!(all.iter().map(Policy::len).collect::<Vec<_>>(), vec![3, 1]);
+
+        // A file alone, with no inline rules.
+        let spec = PolicySpec {
+            inline: vec![],
+            file: Some(dir.path().join("policies/api.policy")),
+        };
+        let policy = spec.load().unwrap();
+        assert_eq!(policy.len(), 2);
+        assert!(!policy.allows(&id("spiffe://example.org/web")));
+    }
+
+    #[test]
+    fn a_bad_policy_file_line_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("api.policy");
+        std::fs::write(
+            &file,
+            "spiffe://example.org/web\n# fine so far\nspiffe://example.org/web-*\nspiffe://example.org/x\n",
+        )
+        .unwrap();
+        let spec = PolicySpec {
+            inline: vec![allow("spiffe://example.org/api")],
+            file: Some(file.clone()),
+        };
+        let err = spec.load().unwrap_err();
+        assert_eq!(err.origin, file.display().to_string());
+        assert_eq!(err.line, 3);
+        assert!(err.message.contains("web-*"), "{}", err.message);
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}:3: ", file.display())),
+            "{err}"
+        );
+
+        // The same through a config and load_policies, and as a ConfigError.
+        let path = dir.path().join("tunnel.toml");
+        std::fs::write(&path, inbound("policy = \"api.policy\"\n")).unwrap();
+        let config = Config::load(&path).unwrap();
+        let err = config.load_policies().unwrap_err();
+        assert_eq!((err.origin.as_str(), err.line), (file.to_str().unwrap(), 3));
+        let err = ConfigError::from(err);
+        assert!(matches!(err, ConfigError::Policy(_)));
+        assert!(err
+            .to_string()
+            .starts_with(&format!("{}:3: ", file.display())));
+
+        // A missing policy file is line 0 of that file.
+        let spec = PolicySpec {
+            inline: vec![],
+            file: Some(dir.path().join("missing.policy")),
+        };
+        let err = spec.load().unwrap_err();
+        assert_eq!(err.line, 0);
+        assert_eq!(
+            err.origin,
+            dir.path().join("missing.policy").display().to_string()
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file_and_names_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        match Config::load(&missing) {
+            Err(ConfigError::Read { file, source }) => {
+                assert_eq!(file, missing.display().to_string());
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("expected ConfigError::Read, got {other:?}"),
+        }
+        let err = Config::load(&missing).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}: cannot read: ", missing.display())),
+            "{err}"
+        );
+
+        // Errors in a loaded file name that file.
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, inbound("max_connections = 0\n")).unwrap();
+        match Config::load(&path) {
+            Err(ConfigError::Invalid { file, key, .. }) => {
+                assert_eq!(file, path.display().to_string());
+                assert_eq!(key, "inbound[0].max_connections");
+            }
+            other => panic!("expected ConfigError::Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ipv6_upstreams_need_brackets() {
+        let dir = std::path::Path::new("/etc/st");
+        let text = |upstream: &str| {
+            format!(
+                "[identity]\nsource = \"workload_api\"\n[[outbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstreams = [\"{upstream}\"]\nallow = [\"spiffe://td/x\"]\n"
+            )
+        };
+        let ok = Config::parse(&text("[2001:db8::1]:443"), &dir.join("t.toml")).unwrap();
+        assert_eq!(
+            ok.outbound[0].upstreams,
+            vec!["[2001:db8::1]:443".to_string()]
+        );
+        let err = Config::parse(&text("2001:db8::1:443"), &dir.join("t.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("t.toml:6: outbound[0].upstreams[0]"),
+            "{err}"
+        );
+        assert!(Config::parse(&text("[nothost]:443"), &dir.join("t.toml")).is_err());
+    }
 }

@@ -13,14 +13,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, IdentityConfig, PolicySpec};
+use crate::identity::workload_api::{wait_for_first_identity, ApiAddress, WorkloadApiSource};
 use crate::identity::{IdentityError, IdentityStore};
 use crate::metrics::{Metrics, TunnelKind};
 use crate::policy::PolicyError;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
+use crate::proxy::registry::ConnectionRegistry;
 use crate::proxy::{Tunnel, TunnelContext};
 use crate::tls::config::{client_config, server_config, TlsConfigError, TlsSettings};
 
@@ -49,7 +52,7 @@ pub enum RunError {
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("{0}")]
-    Unsupported(String),
+    Startup(String),
 }
 
 impl RunError {
@@ -80,43 +83,194 @@ struct Running {
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let config = Config::load(&options.config)?;
     raise_open_files_limit();
-
-    let metrics = Arc::new(Metrics::new());
-    let store = IdentityStore::new();
-    start_identity_source(&config, &store)?;
-    tokio::spawn(watch_identity(Arc::clone(&store), Arc::clone(&metrics)));
-
-    let ctx = TunnelContext {
-        store: Arc::clone(&store),
-        metrics: Arc::clone(&metrics),
-    };
-    let running = start_tunnels(&config, &ctx).await?;
-    info!(
-        config = %config.path.display(),
-        inbound = config.inbound.len(),
-        outbound = config.outbound.len(),
-        "spiffe-tunnel is running"
-    );
-    wait_for_signals(&running, &metrics).await
+    let daemon = Daemon::start(config, options.socket.as_deref()).await?;
+    daemon.wait_for_signals().await
 }
 
-fn start_identity_source(config: &Config, store: &Arc<IdentityStore>) -> Result<(), RunError> {
+/// Every tunnel of one config, serving, with the identity source that feeds
+/// them. `run` drives one from signals; `demo` and tests embed several.
+pub struct Daemon {
+    pub config: Config,
+    pub store: Arc<IdentityStore>,
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<ConnectionRegistry>,
+    running: Vec<Running>,
+    /// Identity source, identity watcher and accept loops; ended on drop.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for r in &self.running {
+            r.tunnel.stop_accepting.cancel();
+            r.tunnel.close_all.cancel();
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts the identity source, waits for the first identity, binds
+    /// every listener and starts serving.
+    pub async fn start(config: Config, socket_override: Option<&str>) -> Result<Self, RunError> {
+        let metrics = Arc::new(Metrics::new());
+        let store = IdentityStore::new();
+        let mut tasks = start_identity_source(&config, socket_override, &store, &metrics).await?;
+        tasks.push(tokio::spawn(watch_identity(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+        )));
+        let ctx = TunnelContext {
+            store: Arc::clone(&store),
+            metrics: Arc::clone(&metrics),
+            registry: ConnectionRegistry::new(),
+        };
+        let (running, serving) = start_tunnels(&config, &ctx).await?;
+        tasks.extend(serving);
+        info!(
+            config = %config.path.display(),
+            inbound = config.inbound.len(),
+            outbound = config.outbound.len(),
+            "spiffe-tunnel is running"
+        );
+        Ok(Self {
+            config,
+            store,
+            metrics,
+            registry: ctx.registry,
+            running,
+            tasks,
+        })
+    }
+
+    /// Serves until SIGTERM/SIGINT, reloading policies on SIGHUP, then drains.
+    pub async fn wait_for_signals(self) -> Result<(), RunError> {
+        let mut hangup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => self.reload_policies(),
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        self.drain(async move {
+            tokio::select! {
+                _ = terminate.recv() => {},
+                _ = interrupt.recv() => {},
+            }
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Re-reads every tunnel's policy; applies all of them or none.
+    pub fn reload_policies(&self) {
+        let loaded: Result<Vec<_>, PolicyError> =
+            self.running.iter().map(|r| r.policy_spec.load()).collect();
+        match loaded {
+            Ok(policies) => {
+                for (r, policy) in self.running.iter().zip(policies) {
+                    info!(tunnel = %r.tunnel.name, rules = policy.len(), "policy reloaded");
+                    r.tunnel.policy.store(Arc::new(policy));
+                }
+                self.metrics.policy_reload(true);
+            }
+            Err(e) => {
+                error!(error = %e, "policy reload refused; every tunnel keeps its current policy");
+                self.metrics.policy_reload(false);
+            }
+        }
+    }
+
+    /// Stops accepting, lets live connections finish for up to the longest
+    /// `drain_timeout`, then closes the rest. `second_signal` closes them
+    /// at once.
+    pub async fn drain(self, second_signal: impl std::future::Future<Output = ()>) {
+        let running = &self.running;
+        let deadline = running
+            .iter()
+            .map(|r| r.tunnel.settings.drain_timeout)
+            .max()
+            .unwrap_or_default();
+        let live: usize = running.iter().map(|r| r.tunnel.active_connections()).sum();
+        info!(live_connections = live, drain_timeout = ?deadline, "draining: no new connections are accepted");
+        for r in running {
+            r.tunnel.stop_accepting.cancel();
+            r.tunnel.connections.close();
+        }
+        let all_done = async {
+            for r in running {
+                r.tunnel.connections.wait().await;
+            }
+        };
+        tokio::select! {
+            () = all_done => info!("drained: every connection finished"),
+            () = tokio::time::sleep(deadline) => warn!("drain timeout passed; closing the remaining connections"),
+            () = second_signal => warn!("second signal: closing the remaining connections now"),
+        }
+        for r in running {
+            r.tunnel.close_all.cancel();
+        }
+        // The copies end at their next poll; give them a moment to flush.
+        let closed = async {
+            for r in running {
+                r.tunnel.connections.wait().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
+    }
+}
+
+/// Starts the configured identity source and waits for the first identity.
+async fn start_identity_source(
+    config: &Config,
+    socket_override: Option<&str>,
+    store: &Arc<IdentityStore>,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<JoinHandle<()>>, RunError> {
     match &config.identity {
         IdentityConfig::Files(files) => {
             let provider = crate::tls::config::provider();
             let identity = files.load(&provider)?;
             store.publish(identity);
-            tokio::spawn(files.clone().watch(Arc::clone(store), provider, FILE_POLL_INTERVAL));
-            Ok(())
+            Ok(vec![tokio::spawn(files.clone().watch(
+                Arc::clone(store),
+                provider,
+                FILE_POLL_INTERVAL,
+            ))])
         }
-        IdentityConfig::WorkloadApi { .. } => Err(RunError::Unsupported(
-            "identity source \"workload_api\" is not available in this build yet; use source = \"files\"".into(),
-        )),
+        IdentityConfig::WorkloadApi {
+            socket,
+            startup_timeout,
+        } => {
+            let address = ApiAddress::choose(socket_override, socket.as_deref())
+                .map_err(|e| RunError::Startup(e.to_string()))?;
+            info!(address = %address, "waiting for SVIDs from the Workload API");
+            let source =
+                WorkloadApiSource::new(address.clone(), Arc::clone(store), Arc::clone(metrics));
+            let mut health = source.health();
+            let task = tokio::spawn(source.run());
+            if let Err(e) =
+                wait_for_first_identity(store, &mut health, &address, *startup_timeout).await
+            {
+                task.abort();
+                return Err(RunError::Startup(e));
+            }
+            Ok(vec![task])
+        }
     }
 }
 
-async fn start_tunnels(config: &Config, ctx: &TunnelContext) -> Result<Vec<Running>, RunError> {
+async fn start_tunnels(
+    config: &Config,
+    ctx: &TunnelContext,
+) -> Result<(Vec<Running>, Vec<JoinHandle<()>>), RunError> {
     let mut running = Vec::new();
+    let mut tasks = Vec::new();
     for inbound in &config.inbound {
         let policy = Arc::new(ArcSwap::from_pointee(inbound.policy.load()?));
         let tunnel = Arc::new(Tunnel::new(
@@ -144,7 +298,7 @@ async fn start_tunnels(config: &Config, ctx: &TunnelContext) -> Result<Vec<Runni
                 })?;
         info!(tunnel = %inbound.name, listen = %inbound.listen, target = %inbound.target, "inbound tunnel listening");
         let serving = Arc::new(Inbound::new(Arc::clone(&tunnel), inbound.clone(), tls));
-        tokio::spawn(serving.serve(listener));
+        tasks.push(tokio::spawn(serving.serve(listener)));
         running.push(Running {
             tunnel,
             policy_spec: inbound.policy.clone(),
@@ -177,29 +331,31 @@ async fn start_tunnels(config: &Config, ctx: &TunnelContext) -> Result<Vec<Runni
                 })?;
         info!(tunnel = %outbound.name, listen = %outbound.listen, upstreams = ?outbound.upstreams, "outbound tunnel listening");
         let serving = Arc::new(Outbound::new(Arc::clone(&tunnel), outbound.clone(), tls));
-        tokio::spawn(serving.serve(listener));
+        tasks.push(tokio::spawn(serving.serve(listener)));
         running.push(Running {
             tunnel,
             policy_spec: outbound.policy.clone(),
         });
     }
-    Ok(running)
+    Ok((running, tasks))
 }
 
-/// Logs every identity change and keeps the identity metrics current.
+/// Logs every identity change, keeps the identity metrics current, and
+/// says so when our SVID expires with no replacement (from then on new
+/// connections are refused until one arrives).
 async fn watch_identity(store: Arc<IdentityStore>, metrics: Arc<Metrics>) {
     let mut changes = store.subscribe();
     let mut first = true;
     loop {
-        match store.load() {
+        let identity = store.load();
+        match &identity {
             Some(identity) => {
-                metrics.set_svid_expiries(identity.svids.iter().map(|s| {
-                    let expiry = s
-                        .not_after
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64);
-                    (s.id.to_string(), expiry)
-                }));
+                metrics.set_svid_expiries(
+                    identity
+                        .svids
+                        .iter()
+                        .map(|s| (s.id.to_string(), unix_seconds(s.not_after))),
+                );
                 if !first {
                     metrics.svid_rotations.inc();
                 }
@@ -218,86 +374,26 @@ async fn watch_identity(store: Arc<IdentityStore>, metrics: Arc<Metrics>) {
                 warn!("identity withdrawn: new connections are refused until an SVID arrives");
             }
         }
-        if changes.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn wait_for_signals(running: &[Running], metrics: &Metrics) -> Result<(), RunError> {
-    let mut hangup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-    loop {
+        let expiry = identity.as_ref().and_then(|i| i.earliest_expiry());
+        let until_expiry = expiry
+            .map(|e| e.duration_since(SystemTime::now()).unwrap_or_default())
+            .unwrap_or(Duration::MAX);
         tokio::select! {
-            _ = hangup.recv() => reload_policies(running, metrics),
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
-    }
-    drain(running, async {
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = interrupt.recv() => {},
-        }
-    })
-    .await;
-    Ok(())
-}
-
-/// Re-reads every tunnel's policy; applies all of them or none.
-fn reload_policies(running: &[Running], metrics: &Metrics) {
-    let loaded: Result<Vec<_>, PolicyError> =
-        running.iter().map(|r| r.policy_spec.load()).collect();
-    match loaded {
-        Ok(policies) => {
-            for (r, policy) in running.iter().zip(policies) {
-                info!(tunnel = %r.tunnel.name, rules = policy.len(), "policy reloaded");
-                r.tunnel.policy.store(Arc::new(policy));
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(until_expiry.min(Duration::from_secs(86400 * 365))) => {
+                if let Some(expiry) = expiry {
+                    warn!(
+                        expired = %humantime::format_rfc3339_seconds(expiry),
+                        "our SVID expired and no new one arrived: new connections are refused"
+                    );
+                }
+                // Wait for the next change before looking again.
+                if changes.changed().await.is_err() {
+                    return;
+                }
             }
-            metrics.policy_reload(true);
-        }
-        Err(e) => {
-            error!(error = %e, "policy reload refused; every tunnel keeps its current policy");
-            metrics.policy_reload(false);
         }
     }
-}
-
-/// Stops accepting, lets live connections finish for up to the longest
-/// `drain_timeout`, then closes the rest. A second signal closes at once.
-async fn drain(running: &[Running], second_signal: impl std::future::Future<Output = ()>) {
-    let deadline = running
-        .iter()
-        .map(|r| r.tunnel.settings.drain_timeout)
-        .max()
-        .unwrap_or_default();
-    let live: usize = running.iter().map(|r| r.tunnel.active_connections()).sum();
-    info!(live_connections = live, drain_timeout = ?deadline, "draining: no new connections are accepted");
-    for r in running {
-        r.tunnel.stop_accepting.cancel();
-        r.tunnel.connections.close();
-    }
-    let all_done = async {
-        for r in running {
-            r.tunnel.connections.wait().await;
-        }
-    };
-    tokio::select! {
-        () = all_done => info!("drained: every connection finished"),
-        () = tokio::time::sleep(deadline) => warn!("drain timeout passed; closing the remaining connections"),
-        () = second_signal => warn!("second signal: closing the remaining connections now"),
-    }
-    for r in running {
-        r.tunnel.close_all.cancel();
-    }
-    // The copies end at their next poll; give them a moment to flush.
-    let closed = async {
-        for r in running {
-            r.tunnel.connections.wait().await;
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
 }
 
 /// Raises the soft open-files limit to the hard limit: each tunnelled

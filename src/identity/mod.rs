@@ -9,6 +9,7 @@
 //! them; nothing else writes to the store.
 
 pub mod files;
+pub mod workload_api;
 pub mod x509svid;
 
 use std::collections::BTreeMap;
@@ -368,5 +369,72 @@ fn unix_to_system(secs: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// Splits concatenated DER certificates (the Workload API's encoding of
+/// chains and bundles) into one `CertificateDer` each. Only the outer
+/// SEQUENCE framing is read here; each certificate is parsed properly by
+/// whoever uses it.
+pub fn split_der_certificates(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut certs = Vec::new();
+    while !der.is_empty() {
+        let len = der_element_len(der)
+            .ok_or_else(|| format!("certificate {} is not a DER SEQUENCE", certs.len()))?;
+        if len > der.len() {
+            return Err(format!("certificate {} is truncated", certs.len()));
+        }
+        certs.push(CertificateDer::from(der[..len].to_vec()));
+        der = &der[len..];
+    }
+    if certs.is_empty() {
+        return Err("no certificates".into());
+    }
+    Ok(certs)
+}
+
+/// Total length (header included) of the DER SEQUENCE at the start of `der`.
+fn der_element_len(der: &[u8]) -> Option<usize> {
+    if *der.first()? != 0x30 {
+        return None;
+    }
+    let first = *der.get(1)?;
+    if first < 0x80 {
+        return Some(2 + usize::from(first));
+    }
+    let count = usize::from(first & 0x7f);
+    if count == 0 || count > 4 {
+        return None;
+    }
+    let bytes = der.get(2..2 + count)?;
+    let len = bytes
+        .iter()
+        .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+    (2 + count).checked_add(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_concatenated_der() {
+        let short = [0x30, 0x03, 1, 2, 3];
+        let mut long = vec![0x30, 0x81, 0x80];
+        long.extend(std::iter::repeat_n(7u8, 0x80));
+        let joined: Vec<u8> = short.iter().chain(long.iter()).copied().collect();
+        let certs = split_der_certificates(&joined).unwrap();
+        assert_eq!(certs.len(), 2);
+        assert_eq!(certs[0].as_ref(), &short);
+        assert_eq!(certs[1].as_ref(), long.as_slice());
+    }
+
+    #[test]
+    fn refuses_garbage_and_truncation() {
+        assert!(split_der_certificates(&[]).is_err());
+        assert!(split_der_certificates(&[0x31, 0x00]).is_err());
+        assert!(split_der_certificates(&[0x30, 0x05, 1]).is_err());
+        assert!(split_der_certificates(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_err());
+        assert!(split_der_certificates(&[0x30]).is_err());
     }
 }

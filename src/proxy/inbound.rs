@@ -16,10 +16,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, field, info_span, Instrument, Span};
 
 use super::copy::{pipe, CopyEnd};
+use super::registry::Registration;
 use super::{classify_handshake_error, Tunnel};
 use crate::config::{InboundConfig, Target};
 use crate::metrics::ConnResult;
 use crate::tls::verify::{authorize_session, PeerRole};
+use tokio_util::sync::CancellationToken;
 
 /// One inbound tunnel.
 pub struct Inbound {
@@ -60,10 +62,19 @@ impl Inbound {
             client = %client,
             peer_id = field::Empty,
         );
-        self.connection(tcp, permit).instrument(span).await;
+        let (registration, close) = self.tunnel.register(client);
+        self.connection(tcp, permit, &registration, &close)
+            .instrument(span)
+            .await;
     }
 
-    async fn connection(&self, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+    async fn connection(
+        &self,
+        tcp: TcpStream,
+        _permit: OwnedSemaphorePermit,
+        registration: &Registration,
+        close: &CancellationToken,
+    ) {
         let t = &self.tunnel;
         if t.resolver.current().is_none() {
             t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
@@ -115,7 +126,8 @@ impl Inbound {
                 return;
             }
         };
-        Span::current().record("peer_id", field::display(&peer));
+        Span::current().record("peer_id", field::display(&peer.id));
+        registration.set_peer(peer);
         debug!(resumed, "peer authorized");
 
         // Authorized: now, and only now, the target hears of this peer.
@@ -129,7 +141,7 @@ impl Inbound {
                 {
                     Ok(Ok(target)) => {
                         let _ = target.set_nodelay(true);
-                        self.forward(&mut tls, target).await;
+                        self.forward(&mut tls, target, close).await;
                     }
                     Ok(Err(e)) => t.refuse(
                         ConnResult::upstream_error,
@@ -145,7 +157,7 @@ impl Inbound {
                 match tokio::time::timeout(t.settings.connect_timeout, UnixStream::connect(path))
                     .await
                 {
-                    Ok(Ok(target)) => self.forward(&mut tls, target).await,
+                    Ok(Ok(target)) => self.forward(&mut tls, target, close).await,
                     Ok(Err(e)) => t.refuse(
                         ConnResult::upstream_error,
                         &format_args!("target unix:{}: {e}", path.display()),
@@ -159,7 +171,7 @@ impl Inbound {
         }
     }
 
-    async fn forward<C, S>(&self, client: &mut C, mut target: S)
+    async fn forward<C, S>(&self, client: &mut C, mut target: S, close: &CancellationToken)
     where
         C: AsyncRead + AsyncWrite + Unpin,
         S: AsyncRead + AsyncWrite + Unpin,
@@ -168,7 +180,7 @@ impl Inbound {
         t.metrics.count(ConnResult::ok);
         t.metrics.active.inc();
         let started = Instant::now();
-        let (moved, end) = pipe(client, &mut target, t.settings.idle_timeout, &t.close_all).await;
+        let (moved, end) = pipe(client, &mut target, t.settings.idle_timeout, close).await;
         t.metrics.active.dec();
         t.metrics.client_to_server.inc_by(moved.client_to_server);
         t.metrics.server_to_client.inc_by(moved.server_to_client);

@@ -9,6 +9,7 @@
 pub mod copy;
 pub mod inbound;
 pub mod outbound;
+pub mod registry;
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use crate::metrics::{ConnResult, TunnelKind, TunnelMetrics};
 use crate::policy::Policy;
 use crate::tls::resolver::SvidResolver;
 use crate::tls::verify::VerifyError;
+use registry::{ConnectionRegistry, Registration};
 
 /// What every connection of one tunnel shares.
 #[derive(Debug)]
@@ -47,6 +49,8 @@ pub struct Tunnel {
     pub stop_accepting: CancellationToken,
     /// Closes every live connection (drain deadline).
     pub close_all: CancellationToken,
+    /// Where each connection registers while it lives.
+    pub registry: Arc<ConnectionRegistry>,
 }
 
 /// Everything a tunnel needs from the process around it.
@@ -54,6 +58,7 @@ pub struct Tunnel {
 pub struct TunnelContext {
     pub store: Arc<IdentityStore>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub registry: Arc<ConnectionRegistry>,
 }
 
 impl Tunnel {
@@ -77,7 +82,17 @@ impl Tunnel {
             connections: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
             close_all: CancellationToken::new(),
+            registry: Arc::clone(&ctx.registry),
         }
+    }
+
+    /// Registers a new connection; the returned token closes it.
+    pub fn register(&self, client: SocketAddr) -> (Registration, CancellationToken) {
+        let close = self.close_all.child_token();
+        let registration = self
+            .registry
+            .register(&self.name, self.kind, client, close.clone());
+        (registration, close)
     }
 
     /// Counts a refused connection and logs its reason, once.

@@ -18,10 +18,12 @@ use tracing::{debug, field, info_span, warn, Instrument, Span};
 
 use super::copy::{pipe, CopyEnd};
 use super::inbound::end_label;
+use super::registry::Registration;
 use super::{classify_handshake_error, rustls_error, Tunnel};
 use crate::config::OutboundConfig;
 use crate::metrics::ConnResult;
 use crate::tls::verify::{authorize_session, PeerRole};
+use tokio_util::sync::CancellationToken;
 
 /// One outbound tunnel.
 pub struct Outbound {
@@ -70,7 +72,10 @@ impl Outbound {
             upstream = field::Empty,
             peer_id = field::Empty,
         );
-        self.connection(client, permit).instrument(span).await;
+        let (registration, close) = self.tunnel.register(addr);
+        self.connection(client, permit, &registration, &close)
+            .instrument(span)
+            .await;
     }
 
     /// Connects to the first upstream that answers, starting at the next one
@@ -99,7 +104,13 @@ impl Outbound {
         Err(failures.join("; "))
     }
 
-    async fn connection(&self, mut client: TcpStream, _permit: OwnedSemaphorePermit) {
+    async fn connection(
+        &self,
+        mut client: TcpStream,
+        _permit: OwnedSemaphorePermit,
+        registration: &Registration,
+        close: &CancellationToken,
+    ) {
         let t = &self.tunnel;
         if t.resolver.current().is_none() {
             t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
@@ -165,13 +176,14 @@ impl Outbound {
                 return;
             }
         };
-        Span::current().record("peer_id", field::display(&peer));
+        Span::current().record("peer_id", field::display(&peer.id));
+        registration.set_peer(peer);
         debug!(resumed, "peer authorized");
 
         t.metrics.count(ConnResult::ok);
         t.metrics.active.inc();
         let started = Instant::now();
-        let (moved, end) = pipe(&mut client, &mut tls, t.settings.idle_timeout, &t.close_all).await;
+        let (moved, end) = pipe(&mut client, &mut tls, t.settings.idle_timeout, close).await;
         t.metrics.active.dec();
         t.metrics.client_to_server.inc_by(moved.client_to_server);
         t.metrics.server_to_client.inc_by(moved.server_to_client);

@@ -356,11 +356,11 @@ pub fn authorize_session(
     store: &IdentityStore,
     policy: &Policy,
     role: PeerRole,
-) -> Result<SpiffeId, VerifyError> {
+) -> Result<VerifiedPeer, VerifyError> {
     let chain = peer_chain
         .filter(|c| !c.is_empty())
         .ok_or(VerifyError::NoCertificate)?;
-    let id = if resumed {
+    let peer = if resumed {
         let identity = store.load().ok_or(VerifyError::NoIdentity)?;
         verify_svid_chain(
             chain,
@@ -368,12 +368,14 @@ pub fn authorize_session(
             to_unix_time(SystemTime::now()),
             role,
         )?
-        .id
     } else {
-        x509svid::check_leaf(&chain[0])
-            .map_err(VerifyError::Leaf)?
-            .id
+        let facts = x509svid::check_leaf(&chain[0]).map_err(VerifyError::Leaf)?;
+        VerifiedPeer {
+            id: facts.id,
+            serial: facts.serial,
+            not_after: facts.not_after,
+        }
     };
-    authorize(policy, &id)?;
-    Ok(id)
+    authorize(policy, &peer.id)?;
+    Ok(peer)
 }

@@ -1,0 +1,165 @@
+//! The live connections of the whole process: who is connected to which
+//! tunnel, as which SPIFFE ID, since when.
+//!
+//! It exists so that a connection can be found again after it started:
+//! `/status` lists them, drain counts them, and a policy reload or bundle
+//! change closes those whose peer is no longer allowed. A connection
+//! registers as soon as it is accepted, before its handshake, and leaves
+//! when its task ends (the guard's drop), so none can slip between a
+//! reload and the scan that follows it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::TunnelKind;
+use crate::tls::verify::VerifiedPeer;
+
+/// One live connection, as shown to operators.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub tunnel: String,
+    pub kind: TunnelKind,
+    pub client: SocketAddr,
+    pub since: SystemTime,
+    /// Set once the peer is authorized.
+    pub peer: Option<VerifiedPeer>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: ConnectionInfo,
+    close: CancellationToken,
+}
+
+/// Every live connection of the process.
+#[derive(Debug, Default)]
+pub struct ConnectionRegistry {
+    next_id: AtomicU64,
+    entries: Mutex<HashMap<u64, Entry>>,
+}
+
+impl ConnectionRegistry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn entries(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        // A panic while holding this lock cannot leave the map
+        // inconsistent (every update is one insert or remove).
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a just-accepted connection. `close` is the token that ends
+    /// its copy loop.
+    pub fn register(
+        self: &Arc<Self>,
+        tunnel: &str,
+        kind: TunnelKind,
+        client: SocketAddr,
+        close: CancellationToken,
+    ) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = ConnectionInfo {
+            id,
+            tunnel: tunnel.to_string(),
+            kind,
+            client,
+            since: SystemTime::now(),
+            peer: None,
+        };
+        self.entries().insert(id, Entry { info, close });
+        Registration {
+            registry: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// A snapshot of every live connection.
+    pub fn snapshot(&self) -> Vec<ConnectionInfo> {
+        let mut list: Vec<_> = self.entries().values().map(|e| e.info.clone()).collect();
+        list.sort_by_key(|c| c.id);
+        list
+    }
+
+    /// Closes every authorized connection for which `keep` says no, and
+    /// returns how many were closed.
+    pub fn close_where(&self, mut keep: impl FnMut(&ConnectionInfo) -> bool) -> usize {
+        let entries = self.entries();
+        let mut closed = 0;
+        for entry in entries.values() {
+            if entry.info.peer.is_some() && !keep(&entry.info) && !entry.close.is_cancelled() {
+                entry.close.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// A connection's place in the registry; leaving it removes the entry.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<ConnectionRegistry>,
+    id: u64,
+}
+
+impl Registration {
+    /// Records the authorized peer.
+    pub fn set_peer(&self, peer: VerifiedPeer) {
+        if let Some(entry) = self.registry.entries().get_mut(&self.id) {
+            entry.info.peer = Some(peer);
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.entries().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: &str) -> VerifiedPeer {
+        VerifiedPeer {
+            id: crate::spiffe_id::parse(id).unwrap(),
+            serial: "01".into(),
+            not_after: 0,
+        }
+    }
+
+    #[test]
+    fn registers_closes_and_forgets() {
+        let registry = ConnectionRegistry::new();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (a_token, b_token, c_token) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let a = registry.register("api", TunnelKind::inbound, addr, a_token.clone());
+        let b = registry.register("api", TunnelKind::inbound, addr, b_token.clone());
+        let _pending = registry.register("api", TunnelKind::inbound, addr, c_token.clone());
+        a.set_peer(peer("spiffe://example.org/web"));
+        b.set_peer(peer("spiffe://example.org/old"));
+        assert_eq!(registry.snapshot().len(), 3);
+
+        let closed = registry.close_where(|c| c.peer.as_ref().unwrap().id.path() == "/web");
+        assert_eq!(closed, 1);
+        assert!(!a_token.is_cancelled() && b_token.is_cancelled());
+        // Not yet authorized: left to its own authorization check.
+        assert!(!c_token.is_cancelled());
+
+        drop(a);
+        drop(b);
+        assert_eq!(registry.snapshot().len(), 1);
+    }
+}
