@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests.
 
 pub mod certs;
+pub mod fake_api;
 pub mod harness;

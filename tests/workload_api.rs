@@ -1,0 +1,310 @@
+//! The Workload API identity source against a scripted agent, over a real
+//! Unix socket, with the daemon as a real process: what it does with bad
+//! responses, federated bundles, PermissionDenied, InvalidArgument, an
+//! agent that never answers, and an SVID that expires while the agent is
+//! gone.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::certs::{Ca, IsCa, Leaf};
+use common::fake_api::{svid_entry, FakeWorkloadApi, Reply};
+use common::harness::*;
+use spiffe_tunnel::proto::X509svidResponse;
+use tonic::Code;
+
+const WEB: &str = "spiffe://example.org/web";
+const API: &str = "spiffe://example.org/api";
+
+fn response(leaf: &Leaf, ca: &Ca) -> X509svidResponse {
+    X509svidResponse {
+        svids: vec![svid_entry(leaf, std::slice::from_ref(ca.root_der()))],
+        ..Default::default()
+    }
+}
+
+/// An inbound tunnel fed by the Workload API at `socket`.
+fn inbound_config(
+    dir: &Path,
+    socket: &str,
+    listen: std::net::SocketAddr,
+    target: &Target,
+    allow: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("tunnel.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[identity]\nsource = \"workload_api\"\nsocket = \"{socket}\"\n{extra}\n\
+             [[inbound]]\nname = \"api\"\nlisten = \"{listen}\"\ntarget = \"{}\"\nallow = [{allow}]\n",
+            target.addr
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn call(addr: std::net::SocketAddr, leaf: &Leaf) -> std::io::Result<Vec<u8>> {
+    raw_tls_roundtrip(
+        addr,
+        raw_client_config(Some((&leaf.chain_pem, &leaf.key_pem))),
+        b"ping",
+    )
+    .await
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    ca: Ca,
+    fake: FakeWorkloadApi,
+    target: Target,
+    listen: std::net::SocketAddr,
+    daemon: Daemon,
+    client: Leaf,
+}
+
+async fn setup(allow: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let fake = FakeWorkloadApi::start(dir.path(), Reply::Svids(response(&ca.leaf(API), &ca))).await;
+    let target = Target::start(TargetMode::Echo).await;
+    let listen = free_addr();
+    let config = inbound_config(dir.path(), &fake.address(), listen, &target, allow, "");
+    let daemon = Daemon::run(&config);
+    daemon.wait_running().await;
+    let client = ca.leaf(WEB);
+    Setup {
+        _dir: dir,
+        ca,
+        fake,
+        target,
+        listen,
+        daemon,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_responses_are_refused_and_the_last_good_identity_stays() {
+    let s = setup(&format!("{WEB:?}")).await;
+    assert_eq!(call(s.listen, &s.client).await.unwrap(), b"ping");
+
+    let good = response(&s.ca.leaf(API), &s.ca);
+    let other = s.ca.leaf(API);
+    let ca_leaf =
+        s.ca.leaf_builder(API)
+            .basic_constraints(IsCa::Ca(common::certs::BasicConstraints::Unconstrained))
+            .build();
+    let mut bad_cases: Vec<(&str, X509svidResponse)> = Vec::new();
+    bad_cases.push(("empty svids", X509svidResponse::default()));
+    let mut r = good.clone();
+    r.svids[0].x509_svid = b"this is not DER".to_vec();
+    bad_cases.push(("bad DER", r));
+    let mut r = good.clone();
+    r.svids[0].x509_svid_key = common::fake_api::key_der(&other.key_pem);
+    bad_cases.push(("a key that does not match", r));
+    bad_cases.push(("a leaf that breaks the rules", response(&ca_leaf, &s.ca)));
+    let mut r = good.clone();
+    r.svids[0].spiffe_id = "spiffe://example.org/someone-else".into();
+    bad_cases.push(("spiffe_id not matching the certificate", r));
+    let mut r = good.clone();
+    r.svids[0].bundle = Vec::new();
+    bad_cases.push(("empty bundle", r));
+
+    for (i, (what, bad)) in bad_cases.into_iter().enumerate() {
+        s.fake.set(Reply::Svids(bad));
+        s.daemon
+            .wait_log(
+                "Workload API response refused",
+                i + 1,
+                Duration::from_secs(10),
+            )
+            .await;
+        assert_eq!(
+            call(s.listen, &s.client).await.unwrap_or_default(),
+            b"ping",
+            "after {what}"
+        );
+    }
+    assert_eq!(
+        s.daemon.log().matches("SVID in use").count(),
+        1,
+        "the identity changed"
+    );
+
+    // A good response is taken again.
+    s.fake.set(Reply::Svids(good));
+    s.daemon
+        .wait_log("SVID in use", 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(call(s.listen, &s.client).await.unwrap(), b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_are_added_and_removed() {
+    let s = setup(&format!("{WEB:?}, \"spiffe://partner.org/**\"")).await;
+    let partner_ca = Ca::new("partner.org");
+    let partner = partner_ca.leaf("spiffe://partner.org/billing");
+    assert!(
+        call(s.listen, &partner).await.is_err(),
+        "no bundle for partner.org yet"
+    );
+
+    let mut with_partner = response(&s.ca.leaf(API), &s.ca);
+    with_partner.federated_bundles.insert(
+        "spiffe://partner.org".into(),
+        partner_ca.root_der().to_vec(),
+    );
+    s.fake.set(Reply::Svids(with_partner));
+    s.daemon
+        .wait_log("SVID in use", 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(call(s.listen, &partner).await.unwrap(), b"ping");
+
+    // A response without it removes it.
+    s.fake.set(Reply::Svids(response(&s.ca.leaf(API), &s.ca)));
+    s.daemon
+        .wait_log("SVID in use", 3, Duration::from_secs(10))
+        .await;
+    let accepts = s.target.accepts();
+    assert!(
+        call(s.listen, &partner).await.is_err(),
+        "partner.org still trusted"
+    );
+    s.daemon
+        .wait_log(
+            "no trust bundle for trust domain \"partner.org\"",
+            2,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(s.target.accepts(), accepts);
+    assert_eq!(call(s.listen, &s.client).await.unwrap(), b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_withdraws_the_identity_until_one_is_issued_again() {
+    let s = setup(&format!("{WEB:?}")).await;
+    assert_eq!(call(s.listen, &s.client).await.unwrap(), b"ping");
+
+    s.fake.set(Reply::Fail(
+        Code::PermissionDenied,
+        "no identity issued".into(),
+    ));
+    s.daemon
+        .wait_log("identity withdrawn", 1, Duration::from_secs(10))
+        .await;
+    let accepts = s.target.accepts();
+    assert!(
+        call(s.listen, &s.client).await.is_err(),
+        "served without an identity"
+    );
+    s.daemon
+        .wait_log("result=no_identity", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(s.target.accepts(), accepts);
+
+    s.fake.set(Reply::Svids(response(&s.ca.leaf(API), &s.ca)));
+    s.daemon
+        .wait_log("SVID in use", 2, Duration::from_secs(15))
+        .await;
+    assert_eq!(call(s.listen, &s.client).await.unwrap(), b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_argument_is_reported_as_misconfiguration_and_keeps_the_identity() {
+    let s = setup(&format!("{WEB:?}")).await;
+    s.fake.set(Reply::Fail(
+        Code::InvalidArgument,
+        "security header missing from request".into(),
+    ));
+    s.daemon
+        .wait_log("misconfiguration", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(call(s.listen, &s.client).await.unwrap(), b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_timeout_bounds_the_wait_for_the_first_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeWorkloadApi::start(dir.path(), Reply::Silent).await;
+    let target = Target::start(TargetMode::Echo).await;
+    let config = inbound_config(
+        dir.path(),
+        &fake.address(),
+        free_addr(),
+        &target,
+        &format!("{WEB:?}"),
+        "startup_timeout = \"1s\"",
+    );
+    let mut daemon = Daemon::run(&config);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await, Some(1));
+    assert!(
+        daemon.log().contains("no SVID from the Workload API"),
+        "{}",
+        daemon.log()
+    );
+
+    // Nobody listening at all: the same, with the connection error.
+    drop(fake);
+    let mut daemon = Daemon::run(&config);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await, Some(1));
+    assert!(
+        daemon.log().contains("cannot connect to the Workload API"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_outage_keeps_the_svid_until_it_expires_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let now = SystemTime::now();
+    let short = ca
+        .leaf_builder(API)
+        .validity(now - Duration::from_secs(10), now + Duration::from_secs(4))
+        .build();
+    let fake = FakeWorkloadApi::start(dir.path(), Reply::Svids(response(&short, &ca))).await;
+    let target = Target::start(TargetMode::Echo).await;
+    let listen = free_addr();
+    let config = inbound_config(
+        dir.path(),
+        &fake.address(),
+        listen,
+        &target,
+        &format!("{WEB:?}"),
+        "",
+    );
+    let daemon = Daemon::run(&config);
+    daemon.wait_running().await;
+    let client = ca.leaf(WEB);
+
+    // The agent goes away: the cached SVID keeps serving.
+    drop(fake);
+    daemon
+        .wait_log("Workload API unavailable", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(call(listen, &client).await.unwrap(), b"ping");
+
+    // Past its expiry it is never presented: new connections are refused.
+    daemon
+        .wait_log(
+            "our SVID expired and no new one arrived",
+            1,
+            Duration::from_secs(15),
+        )
+        .await;
+    let accepts = target.accepts();
+    assert!(
+        call(listen, &client).await.is_err(),
+        "served with an expired SVID"
+    );
+    daemon
+        .wait_log("result=no_identity", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(target.accepts(), accepts);
+}
