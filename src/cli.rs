@@ -2,8 +2,12 @@
 //! and gives an example, because `--help` is the first manual people read.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::agent::IdGrant;
+use crate::spiffe_id::TrustDomain;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +66,46 @@ pub enum Command {
     ///
     /// Example: spiffe-tunnel verify --bundle example.org=bundle.pem svid.pem
     Verify(VerifyArgs),
+
+    /// Serve a development SPIFFE Workload API with its own CA, for demos and tests (NOT for production).
+    ///
+    /// A stand-in for a SPIRE agent on one machine: it makes its own CA for
+    /// the trust domain, issues an X509-SVID for each --id the way SPIRE
+    /// issues them, renews each SVID at half its lifetime and pushes the new
+    /// ones to every connected client, and rotates the CA with overlap (the
+    /// next CA joins the bundle at half the CA's life and starts signing at
+    /// three quarters). Callers are told apart by their unix uid only; there
+    /// is no other attestation and the CA key is not protected.
+    ///
+    /// Point clients at it with --socket or SPIFFE_ENDPOINT_SOCKET. Stop it
+    /// with Ctrl-C or SIGTERM; the socket file is removed on exit.
+    ///
+    /// Example:
+    ///   spiffe-tunnel dev-agent --socket /tmp/dev-agent/api.sock \
+    ///     --trust-domain example.org \
+    ///     --id spiffe://example.org/web --id uid:1000=spiffe://example.org/api \
+    ///     --ttl 30s --ca-ttl 10m
+    #[command(verbatim_doc_comment)]
+    DevAgent(DevAgentArgs),
+
+    /// Show the whole system on this machine in under a minute, no SPIRE needed.
+    ///
+    /// Starts a development Workload API (playing the SPIRE agent), a small
+    /// backend, and an inbound and an outbound tunnel end, each with its own
+    /// SPIFFE ID. It sends requests through and prints which SPIFFE ID each
+    /// end verified, waits for the SVIDs to rotate and shows traffic going on
+    /// with the new ones, and shows a caller whose ID is not allowed being
+    /// refused. Everything runs on loopback and is cleaned up at the end.
+    ///
+    /// Example: spiffe-tunnel demo
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Leave everything running at the end and print how to poke it (Ctrl-C stops).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Args)]
@@ -93,4 +137,49 @@ pub struct VerifyArgs {
     /// The chain to verify: PEM certificates, leaf first.
     #[arg(value_name = "CHAIN.pem")]
     pub chain: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DevAgentArgs {
+    /// The Unix socket to serve on: a path, unix:///path or unix:/path.
+    /// Its directory is created if missing, a stale socket is replaced, and
+    /// the socket is world-accessible (0777) like SPIRE's public socket.
+    #[arg(long, value_name = "PATH", value_parser = crate::agent::parse_socket_path)]
+    pub socket: PathBuf,
+
+    /// The trust domain to issue SVIDs in, e.g. example.org.
+    #[arg(long, value_name = "TD", value_parser = crate::spiffe_id::parse_trust_domain)]
+    pub trust_domain: TrustDomain,
+
+    /// A SPIFFE ID to issue, in the trust domain. Repeat for more; the first
+    /// is every caller's default SVID. Prefix uid:N= to give the ID only to
+    /// callers running as unix uid N (e.g. uid:1000=spiffe://example.org/api);
+    /// IDs without a prefix go to every caller. A caller entitled to no ID
+    /// gets PermissionDenied "no identity issued".
+    #[arg(long = "id", value_name = "[uid:N=]SPIFFE_ID", required = true)]
+    pub ids: Vec<IdGrant>,
+
+    /// Lifetime of each X509-SVID (e.g. 30s, 5m, 1h); it is renewed at half.
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    /// Lifetime of each CA. A CA shares the bundle with its successor from
+    /// half its life, hands signing over at three quarters, and leaves the
+    /// bundle when it expires. SVIDs never outlive their CA, so use at least
+    /// 4 x --ttl for full-length SVIDs.
+    #[arg(long, value_name = "DUR", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub ca_ttl: Duration,
+
+    /// Also serve the CA certificates of a federated trust domain, read once
+    /// at start from a PEM file. Repeatable.
+    #[arg(long = "federate", value_name = "TD=BUNDLE.pem", value_parser = crate::agent::parse_federate)]
+    pub federate: Vec<(TrustDomain, PathBuf)>,
+
+    /// Keep the CA in this directory (ca.pem, ca.key as PKCS#8 with mode
+    /// 0600, next-ca.pem during a rotation) and reuse it on the next start,
+    /// so a restarted agent keeps its trust domain's CA and several agents
+    /// can share one CA, for example in a multi-node test. Created if
+    /// missing. Without it the CA lives in memory only.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
 }

@@ -1,16 +1,20 @@
 //! spiffe-tunnel: zero-trust mTLS tunnels between nodes, authorized by SPIFFE ID.
 //!
-//! Data flows one way: identity sources ([`identity::files`]) →
-//! [`identity::IdentityStore`] → TLS configs ([`tls`]) → tunnels
-//! ([`proxy`]). [`config`] and [`policy`] describe what to run;
-//! [`runtime`] wires it together for `run`; [`commands`] holds the one-shot
-//! commands; the binary in `main.rs` only parses the command line
+//! Data flows one way: identity sources ([`identity::files`],
+//! [`identity::workload_api`]) → [`identity::IdentityStore`] → TLS configs
+//! ([`tls`]) → tunnels ([`proxy`]). [`config`] and [`policy`] describe what
+//! to run; [`runtime`] wires it together for `run`; [`commands`] holds the
+//! one-shot commands; [`agent`] is the development Workload API server and
+//! [`demo`] the guided tour built on it; [`proto`] is the generated
+//! Workload API. The binary in `main.rs` only parses the command line
 //! ([`cli`]) and dispatches.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

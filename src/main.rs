@@ -6,49 +6,79 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use spiffe_tunnel::cli::{Cli, Command, LogFormat};
-use spiffe_tunnel::{commands, runtime};
+use spiffe_tunnel::{agent, commands, demo, runtime};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo tells its story on stdout; its logs would only interrupt it.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "error",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_filter);
     let code = match cli.command {
         Command::Check(args) => commands::check(&args.config),
         Command::Verify(args) => commands::verify(&args.bundles, &args.chain),
-        Command::Run(args) => run(args),
+        Command::Run(args) => block_on(run(args)),
+        Command::DevAgent(args) => block_on(dev_agent(args)),
+        Command::Demo(args) => block_on(demo(args)),
     };
     ExitCode::from(code)
 }
 
-fn run(args: spiffe_tunnel::cli::RunArgs) -> u8 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// Runs an async command on a multi-thread runtime sized to the cores.
+fn block_on(command: impl std::future::Future<Output = u8>) -> u8 {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(runtime) => runtime.block_on(command),
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
-            return commands::EXIT_FAILURE;
-        }
-    };
-    let options = runtime::RunOptions {
-        config: args.config,
-        socket: args.socket,
-    };
-    match runtime.block_on(runtime::run(options)) {
-        Ok(()) => commands::EXIT_OK,
-        Err(e) => {
-            let error = anyhow::Error::from(e);
-            tracing::error!("{error:#}");
-            error
-                .downcast_ref::<runtime::RunError>()
-                .map_or(commands::EXIT_FAILURE, runtime::RunError::exit_code)
+            commands::EXIT_FAILURE
         }
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+async fn run(args: spiffe_tunnel::cli::RunArgs) -> u8 {
+    let options = runtime::RunOptions {
+        config: args.config,
+        socket: args.socket,
+    };
+    match runtime::run(options).await {
+        Ok(()) => commands::EXIT_OK,
+        Err(e) => {
+            let code = e.exit_code();
+            tracing::error!("{:#}", anyhow::Error::from(e));
+            code
+        }
+    }
+}
+
+async fn dev_agent(args: spiffe_tunnel::cli::DevAgentArgs) -> u8 {
+    match agent::run(args.into()).await {
+        Ok(()) => commands::EXIT_OK,
+        Err(e) => {
+            tracing::error!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn demo(args: spiffe_tunnel::cli::DemoArgs) -> u8 {
+    match demo::run(demo::DemoOptions { keep: args.keep }).await {
+        Ok(()) => commands::EXIT_OK,
+        Err(e) => {
+            eprintln!("demo failed: {:#}", anyhow::Error::from(e));
+            commands::EXIT_FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

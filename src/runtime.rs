@@ -112,6 +112,11 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// The running tunnels, in config order (inbound first).
+    pub fn tunnels(&self) -> impl Iterator<Item = &Arc<Tunnel>> {
+        self.running.iter().map(|r| &r.tunnel)
+    }
+
     /// Starts the identity source, waits for the first identity, binds
     /// every listener and starts serving.
     pub async fn start(config: Config, socket_override: Option<&str>) -> Result<Self, RunError> {

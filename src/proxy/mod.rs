@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +51,8 @@ pub struct Tunnel {
     pub close_all: CancellationToken,
     /// Where each connection registers while it lives.
     pub registry: Arc<ConnectionRegistry>,
+    /// The reason of the most recent refusal, for `/status` and the demo.
+    last_refusal: ArcSwapOption<String>,
 }
 
 /// Everything a tunnel needs from the process around it.
@@ -83,7 +85,13 @@ impl Tunnel {
             stop_accepting: CancellationToken::new(),
             close_all: CancellationToken::new(),
             registry: Arc::clone(&ctx.registry),
+            last_refusal: ArcSwapOption::empty(),
         }
+    }
+
+    /// The reason of the most recent refused connection, if any.
+    pub fn last_refusal(&self) -> Option<Arc<String>> {
+        self.last_refusal.load_full()
     }
 
     /// Registers a new connection; the returned token closes it.
@@ -98,7 +106,9 @@ impl Tunnel {
     /// Counts a refused connection and logs its reason, once.
     pub fn refuse(&self, result: ConnResult, reason: &dyn std::fmt::Display) {
         self.metrics.count(result);
+        let reason = reason.to_string();
         info!(result = ?result, reason = %reason, "connection refused");
+        self.last_refusal.store(Some(Arc::new(reason)));
     }
 
     /// Accepts connections until `stop_accepting` fires, handing each one

@@ -6,6 +6,16 @@
 //! So a new SVID, bundle or policy applies to the very next handshake, a
 //! handshake in flight finishes with the snapshot it started with, and live
 //! connections are untouched.
+//!
+//! TLS session resumption is off in both directions, so every connection is
+//! a full handshake that verifies the peer's *current* certificate. A
+//! resumed session would carry the peer certificate of its original
+//! handshake, and with SVIDs rotating at half-life that certificate can
+//! expire while the ticket is still valid (rustls gives stateful tickets a
+//! 24 h lifetime): the connection would then be refused, or worse, accepted
+//! on an expired identity. Resumption bounded by SVID lifetimes belongs to
+//! the performance work; `authorize_session` already re-verifies resumed
+//! sessions should one ever occur.
 
 use std::sync::Arc;
 
@@ -57,13 +67,15 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsCon
         Arc::clone(&settings.policy),
         PeerRole::Client,
     );
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(settings.min_tls))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(SvidResolver::new(
             Arc::clone(&settings.store),
             settings.svid.clone(),
         )));
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -75,7 +87,7 @@ pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsCon
         Arc::clone(&settings.policy),
         PeerRole::Server,
     );
-    let config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(settings.min_tls))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
@@ -83,5 +95,6 @@ pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsCon
             Arc::clone(&settings.store),
             settings.svid.clone(),
         )));
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
