@@ -122,7 +122,41 @@ pub struct InboundConfig {
     /// Which of our SVIDs to present; `None` means the default one.
     pub svid: Option<SpiffeId>,
     pub proxy_protocol: bool,
+    /// One log line per connection at info level (peer, bytes, duration, result).
+    pub access_log: bool,
     pub settings: TunnelSettings,
+}
+
+/// How an outbound picks among its upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Power of two choices: of two random healthy upstreams, the one with
+    /// fewer active connections. The default.
+    #[default]
+    P2c,
+    /// Each healthy upstream in turn.
+    RoundRobin,
+}
+
+/// Upstream selection and health checking of an outbound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalanceSettings {
+    pub balance: Balance,
+    /// How often host names in `upstreams` are resolved again.
+    pub resolve_interval: Duration,
+    /// Active health checks (a TCP connect) at this interval; `None` means
+    /// passive checks only (failed connects eject an upstream for a while).
+    pub health_check_interval: Option<Duration>,
+}
+
+impl Default for BalanceSettings {
+    fn default() -> Self {
+        Self {
+            balance: Balance::P2c,
+            resolve_interval: Duration::from_secs(30),
+            health_check_interval: None,
+        }
+    }
 }
 
 /// Plain in, mTLS out.
@@ -134,6 +168,9 @@ pub struct OutboundConfig {
     pub upstreams: Vec<String>,
     pub policy: PolicySpec,
     pub svid: Option<SpiffeId>,
+    pub balance: BalanceSettings,
+    /// One log line per connection at info level (peer, bytes, duration, result).
+    pub access_log: bool,
     pub settings: TunnelSettings,
 }
 
@@ -154,12 +191,20 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[log]`: the log filter (`RUST_LOG` syntax). `RUST_LOG` in the
+/// environment wins over it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    pub filter: Option<String>,
+}
+
 /// A validated config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub path: PathBuf,
     pub identity: IdentityConfig,
     pub admin: AdminConfig,
+    pub log: LogConfig,
     pub inbound: Vec<InboundConfig>,
     pub outbound: Vec<OutboundConfig>,
 }
@@ -172,6 +217,8 @@ struct RawConfig {
     identity: RawIdentity,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    log: RawLog,
     #[serde(default)]
     defaults: RawSettings,
     #[serde(default)]
@@ -202,6 +249,12 @@ struct RawIdentity {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    filter: Option<Spanned<String>>,
 }
 
 /// Keys valid both in `[defaults]` and in each tunnel.
@@ -255,10 +308,15 @@ macro_rules! tunnel_table {
 tunnel_table!(RawInbound {
     target: Spanned<String>,
     proxy_protocol: Option<bool>,
+    access_log: Option<bool>,
 });
 
 tunnel_table!(RawOutbound {
     upstreams: Spanned<Vec<Spanned<String>>>,
+    balance: Option<Spanned<String>>,
+    resolve_interval: Option<Spanned<String>>,
+    health_check_interval: Option<Spanned<String>>,
+    access_log: Option<bool>,
 });
 
 // ---- validation ------------------------------------------------------------
@@ -381,6 +439,7 @@ impl Config {
                 policy,
                 svid: parse_svid(t.svid.as_ref(), &key("svid"), &at)?,
                 proxy_protocol: t.proxy_protocol.unwrap_or(false),
+                access_log: t.access_log.unwrap_or(false),
                 settings: apply_settings(
                     &defaults,
                     &t.settings(),
@@ -421,12 +480,41 @@ impl Config {
                 &at,
                 &resolve,
             )?;
+            let balance = BalanceSettings {
+                balance: match &t.balance {
+                    None => Balance::default(),
+                    Some(b) => match b.get_ref().as_str() {
+                        "p2c" => Balance::P2c,
+                        "round_robin" => Balance::RoundRobin,
+                        other => {
+                            return Err(at.error(
+                                &b.span(),
+                                key("balance"),
+                                format!("{other:?} is not a balancing method; use \"p2c\" (default) or \"round_robin\""),
+                            ))
+                        }
+                    },
+                },
+                resolve_interval: t
+                    .resolve_interval
+                    .as_ref()
+                    .map(|v| positive_duration(v, &key("resolve_interval"), &at))
+                    .transpose()?
+                    .unwrap_or(BalanceSettings::default().resolve_interval),
+                health_check_interval: t
+                    .health_check_interval
+                    .as_ref()
+                    .map(|v| positive_duration(v, &key("health_check_interval"), &at))
+                    .transpose()?,
+            };
             outbound.push(OutboundConfig {
                 name,
                 listen,
                 upstreams,
                 policy,
                 svid: parse_svid(t.svid.as_ref(), &key("svid"), &at)?,
+                balance,
+                access_log: t.access_log.unwrap_or(false),
                 settings: apply_settings(
                     &defaults,
                     &t.settings(),
@@ -436,10 +524,26 @@ impl Config {
             });
         }
 
+        let log = LogConfig {
+            filter: match &raw.log.filter {
+                Some(f) => {
+                    if let Err(e) = tracing_subscriber::EnvFilter::try_new(f.get_ref()) {
+                        return Err(at.error(
+                            &f.span(),
+                            "log.filter",
+                            format!("not a log filter: {e}"),
+                        ));
+                    }
+                    Some(f.get_ref().clone())
+                }
+                None => None,
+            },
+        };
         Ok(Config {
             path: path.to_path_buf(),
             identity,
             admin,
+            log,
             inbound,
             outbound,
         })
