@@ -1061,6 +1061,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 },
                 svid: Some(id("spiffe://example.org/api")),
                 proxy_protocol: true,
+                access_log: false,
                 settings: settings.clone(),
             }]
         );
@@ -1075,9 +1076,32 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                     file: None,
                 },
                 svid: None,
+                balance: BalanceSettings::default(),
+                access_log: false,
                 settings,
             }]
         );
+    }
+
+    #[test]
+    fn balancing_access_log_and_log_filter_keys() {
+        let text = "[identity]\nsource = \"workload_api\"\n[log]\nfilter = \"info,spiffe_tunnel=debug\"\n\
+            [[outbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstreams = [\"h:1\"]\nallow = [\"spiffe://td/x\"]\n\
+            balance = \"round_robin\"\nresolve_interval = \"5s\"\nhealth_check_interval = \"2s\"\naccess_log = true\n";
+        let config = ok(text);
+        assert_eq!(
+            config.log.filter.as_deref(),
+            Some("info,spiffe_tunnel=debug")
+        );
+        let o = &config.outbound[0];
+        assert_eq!(o.balance.balance, Balance::RoundRobin);
+        assert_eq!(o.balance.resolve_interval, secs(5));
+        assert_eq!(o.balance.health_check_interval, Some(secs(2)));
+        assert!(o.access_log);
+        let (line, key, _) = invalid(&text.replace("round_robin", "random"));
+        assert_eq!((line, key.as_str()), (10, "outbound[0].balance"));
+        let (line, key, _) = invalid(&text.replace("info,spiffe_tunnel=debug", "info,[[[="));
+        assert_eq!((line, key.as_str()), (4, "log.filter"));
     }
 
     #[test]
