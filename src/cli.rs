@@ -88,6 +88,17 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     DevAgent(DevAgentArgs),
 
+    /// Show what a running spiffe-tunnel is doing, from its admin endpoint.
+    ///
+    /// Reads /status from the admin endpoint (the [admin] listen address of
+    /// the config given with -c, or --admin) and prints it for a person:
+    /// readiness, our SVIDs and their expiry, trust bundles, the Workload
+    /// API connection, each tunnel with its live connections and last
+    /// refusal, and the last reload. --json prints the raw document.
+    ///
+    /// Example: spiffe-tunnel status -c /etc/spiffe-tunnel/tunnel.toml
+    Status(StatusArgs),
+
     /// Show the whole system on this machine in under a minute, no SPIRE needed.
     ///
     /// Starts a development Workload API (playing the SPIRE agent), a small
@@ -99,6 +110,27 @@ pub enum Command {
     ///
     /// Example: spiffe-tunnel demo
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The config file of the running daemon (its [admin] listen is used).
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        conflicts_with = "admin",
+        required_unless_present = "admin"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// The admin endpoint address, like 127.0.0.1:9901.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
+    /// Print the raw JSON document instead.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -217,3 +217,210 @@ pub fn verify(bundle_args: &[String], chain_path: &Path) -> u8 {
         }
     }
 }
+
+/// `spiffe-tunnel status`: fetches `/status` from the admin endpoint and
+/// prints it for a person (or raw with `--json`).
+pub fn status(config: Option<&Path>, admin: Option<&str>, raw: bool) -> u8 {
+    let address = match (admin, config) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(path)) => match Config::load(path) {
+            Ok(c) => match c.admin.listen {
+                Some(addr) => addr.to_string(),
+                None => {
+                    eprintln!(
+                        "{}: no [admin] listen address; add one or pass --admin",
+                        path.display()
+                    );
+                    return EXIT_USAGE;
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                return EXIT_USAGE;
+            }
+        },
+        (None, None) => {
+            eprintln!("give -c FILE or --admin ADDR");
+            return EXIT_USAGE;
+        }
+    };
+    let body = match http_get(&address, "/status") {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("cannot read http://{address}/status: {e} (is spiffe-tunnel running with [admin] listen = \"{address}\"?)");
+            return EXIT_FAILURE;
+        }
+    };
+    if raw {
+        print!("{body}");
+        return EXIT_OK;
+    }
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(doc) => {
+            print!("{}", render_status(&doc));
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("http://{address}/status did not answer JSON: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET for the local admin endpoint.
+fn http_get(address: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let addr = address
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("address does not resolve")?;
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(head.lines().next().unwrap_or_default().to_string());
+    }
+    Ok(body.to_string())
+}
+
+/// The `/status` document as text for a terminal.
+pub fn render_status(doc: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "spiffe-tunnel {} ({}), up since {}",
+        s(&doc["version"]),
+        s(&doc["config"]),
+        s(&doc["started"])
+    );
+    if doc["ready"].as_bool() == Some(true) {
+        let _ = writeln!(out, "READY");
+    } else {
+        let _ = writeln!(out, "NOT READY:");
+        for reason in doc["not_ready_reasons"].as_array().into_iter().flatten() {
+            let _ = writeln!(out, "  - {}", s(reason));
+        }
+    }
+    let identity = &doc["identity"];
+    let _ = writeln!(out, "\nidentity from {}", s(&identity["source"]));
+    if let Some(api) = doc["workload_api"].as_object() {
+        let connected = api.get("connected").and_then(|v| v.as_bool()) == Some(true);
+        let _ = writeln!(
+            out,
+            "  Workload API: {}{}",
+            if connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            api.get("last_error")
+                .and_then(|e| e.as_str())
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        );
+    }
+    for svid in identity["svids"].as_array().into_iter().flatten() {
+        let secs = svid["expires_in_seconds"].as_i64().unwrap_or(0);
+        let left = if secs > 0 {
+            format!(
+                "expires in {}",
+                humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()))
+            )
+        } else {
+            "EXPIRED".to_string()
+        };
+        let _ = writeln!(
+            out,
+            "  SVID {} serial {} ({left}, at {})",
+            s(&svid["spiffe_id"]),
+            s(&svid["serial"]),
+            s(&svid["not_after"])
+        );
+    }
+    let bundles: Vec<String> = identity["bundles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            format!(
+                "{} ({} CA)",
+                s(&b["trust_domain"]),
+                b["ca_count"].as_u64().unwrap_or(0)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "  trusts {}",
+        if bundles.is_empty() {
+            "nothing".to_string()
+        } else {
+            bundles.join(", ")
+        }
+    );
+    let _ = writeln!(out, "\ntunnels");
+    for t in doc["tunnels"].as_array().into_iter().flatten() {
+        let to = t["target"].as_str().map(str::to_string).unwrap_or_else(|| {
+            t["upstreams"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(&s)
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        let _ = writeln!(
+            out,
+            "  {} {:?} {} -> {}: {} active / {} max, {} policy rule(s){}",
+            s(&t["kind"]),
+            s(&t["name"]),
+            s(&t["listen"]),
+            to,
+            t["active_connections"].as_u64().unwrap_or(0),
+            t["max_connections"].as_u64().unwrap_or(0),
+            t["policy_rules"].as_u64().unwrap_or(0),
+            if t["listening"].as_bool() == Some(false) {
+                ", NOT LISTENING"
+            } else {
+                ""
+            },
+        );
+        for p in t["peers"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "      {} from {} since {}",
+                s(&p["peer_id"]),
+                s(&p["client"]),
+                s(&p["since"])
+            );
+        }
+        if let Some(refusal) = t["last_refusal"].as_str() {
+            let _ = writeln!(out, "      last refusal: {refusal}");
+        }
+    }
+    if let Some(r) = doc["last_reload"].as_object() {
+        let _ = writeln!(
+            out,
+            "\nlast reload at {}: {} ({})",
+            r.get("at").map(&s).unwrap_or_default(),
+            r.get("result").map(&s).unwrap_or_default(),
+            r.get("message").map(&s).unwrap_or_default()
+        );
+    }
+    out
+}

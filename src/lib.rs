@@ -10,6 +10,7 @@
 //! ([`cli`]) and dispatches.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod commands;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod identity;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod proto;
 pub mod proxy;

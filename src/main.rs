@@ -12,17 +12,25 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo tells its story on stdout; its logs would only interrupt it.
-    let default_filter = match cli.command {
-        Command::Demo(_) => "error",
-        _ => "info",
+    // `run` takes its filter from the config's [log] table (RUST_LOG wins).
+    let default_filter = match &cli.command {
+        Command::Demo(_) => "error".to_string(),
+        Command::Run(args) => spiffe_tunnel::config::Config::load(&args.config)
+            .ok()
+            .and_then(|c| c.log.filter)
+            .unwrap_or_else(|| "info".to_string()),
+        _ => "info".to_string(),
     };
-    init_logging(cli.log_format, default_filter);
+    init_logging(cli.log_format, &default_filter);
     let code = match cli.command {
         Command::Check(args) => commands::check(&args.config),
         Command::Verify(args) => commands::verify(&args.bundles, &args.chain),
         Command::Run(args) => block_on(run(args)),
         Command::DevAgent(args) => block_on(dev_agent(args)),
         Command::Demo(args) => block_on(demo(args)),
+        Command::Status(args) => {
+            commands::status(args.config.as_deref(), args.admin.as_deref(), args.json)
+        }
     };
     ExitCode::from(code)
 }

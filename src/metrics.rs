@@ -47,6 +47,21 @@ pub enum TunnelKind {
     outbound,
 }
 
+impl TunnelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelKind::inbound => "inbound",
+            TunnelKind::outbound => "outbound",
+        }
+    }
+}
+
+impl std::fmt::Display for TunnelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
     tunnel: String,
@@ -90,6 +105,7 @@ pub struct Metrics {
     pub workload_api_up: Gauge,
     policy_reloads: Family<ResultLabels, Counter>,
     identity_updates: Family<ResultLabels, Counter>,
+    revoked: Family<TunnelLabels, Counter>,
     /// Serialises encoding with expiry-gauge replacement.
     expiry_lock: Mutex<()>,
 }
@@ -114,6 +130,7 @@ impl Metrics {
         let workload_api_up = Gauge::default();
         let policy_reloads = Family::<ResultLabels, Counter>::default();
         let identity_updates = Family::<ResultLabels, Counter>::default();
+        let revoked = Family::<TunnelLabels, Counter>::default();
 
         // prometheus-client appends `_total` to counters itself.
         registry.register(
@@ -161,6 +178,19 @@ impl Metrics {
             "Identity updates from the identity source, by result (ok, rejected)",
             identity_updates.clone(),
         );
+        // Zero-valued series from the start, so dashboards and alerts see
+        // "no failures yet" rather than "no data".
+        for result in ["ok", "error"] {
+            policy_reloads.get_or_create_owned(&ResultLabels { result });
+        }
+        for result in ["ok", "rejected"] {
+            identity_updates.get_or_create_owned(&ResultLabels { result });
+        }
+        registry.register(
+            "spiffe_tunnel_connections_revoked",
+            "Live connections closed because a reload or bundle change no longer allows their peer",
+            revoked.clone(),
+        );
         Self {
             registry,
             connections,
@@ -172,6 +202,7 @@ impl Metrics {
             workload_api_up,
             policy_reloads,
             identity_updates,
+            revoked,
             expiry_lock: Mutex::new(()),
         }
     }
@@ -207,6 +238,7 @@ impl Metrics {
             client_to_server: bytes(Direction::client_to_server),
             server_to_client: bytes(Direction::server_to_client),
             handshake_seconds: self.handshake_seconds.get_or_create_owned(&labels),
+            revoked: self.revoked.get_or_create_owned(&labels),
         }
     }
 
@@ -263,6 +295,7 @@ pub struct TunnelMetrics {
     pub client_to_server: Counter,
     pub server_to_client: Counter,
     pub handshake_seconds: Histogram,
+    pub revoked: Counter,
 }
 
 impl TunnelMetrics {

@@ -292,7 +292,7 @@ async fn policy_reload_changes_who_gets_in() {
     std::fs::write(&policy, format!("{WEB}\nspiffe://Example.org/bad\n")).unwrap();
     pair.inbound.signal("HUP");
     pair.inbound
-        .wait_log("policy reload refused", 1, Duration::from_secs(10))
+        .wait_log("reload refused", 1, Duration::from_secs(10))
         .await;
     assert!(
         pair.inbound.log().contains("api.policy:2"),
@@ -313,7 +313,7 @@ async fn policy_reload_changes_who_gets_in() {
     .unwrap();
     pair.inbound.signal("HUP");
     pair.inbound
-        .wait_log("policy reloaded", 1, Duration::from_secs(10))
+        .wait_log("reloaded: ", 1, Duration::from_secs(10))
         .await;
     let accepts_before = pair.target.accepts();
     let result = roundtrip(pair.outbound_addr, b"three").await;

@@ -13,24 +13,36 @@
 //! How: each accepted connection is wrapped in [`FixedAuthority`], which
 //! rewrites what the server reads. The connection preface and every frame
 //! other than HEADERS/CONTINUATION pass through untouched. Each header
-//! block is decoded with a full HPACK decoder (static and dynamic tables,
-//! Huffman), its `:authority` set to `localhost` (what grpc-go sends over
-//! Unix sockets), and re-encoded with literals only, so that the server's
-//! decoder needs no dynamic table state. Padding is dropped; the priority
-//! fields and the END_STREAM flag are kept. Input that does not start
-//! with the HTTP/2 preface is passed through as it is. Malformed HPACK or
-//! framing ends the connection, as h2 itself would.
+//! block is decoded by one `loona_hpack` decoder per connection (static
+//! and dynamic tables, Huffman), its `:authority` set to `localhost` (what
+//! grpc-go sends over Unix sockets), and re-encoded with literals only, so
+//! that the server's decoder needs no dynamic table state. Padding is
+//! dropped; the priority fields and the END_STREAM flag are kept. Input
+//! that does not start with the HTTP/2 preface is passed through as it is.
+//! Malformed HPACK or framing ends the connection, as h2 itself would.
+//!
+//! `loona_hpack` (bearcove's fork of the `hpack` crate) returns errors
+//! rather than panicking on malformed input, and refuses table size
+//! updates above a set maximum; the limits it lacks are kept here: the
+//! size of the header block and of the decoded header list, and the
+//! framing. It differs from h2 in corners no real client reaches, all
+//! harmless since the server only sees our re-encoding: a table size
+//! update in the middle of a block is accepted, a block holding only a
+//! size update is refused, and the "never indexed" flag is not reported,
+//! so such fields are re-sent as plain literals (the server is the last
+//! hop; nothing after it indexes them).
 //!
 //! Only the client-to-server direction is touched; writes go straight to
 //! the socket. Header blocks are small (a Workload API request has a
 //! handful of short headers), so they are bounded tightly.
 
-use std::collections::VecDeque;
+use std::fmt::Display;
 use std::io;
 use std::pin::Pin;
-use std::sync::LazyLock;
 use std::task::{ready, Context, Poll};
 
+use loona_hpack::encoder::encode_integer_into;
+use loona_hpack::Decoder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::server::{Connected, UdsConnectInfo};
@@ -47,12 +59,15 @@ const FLAG_PRIORITY: u8 = 0x20;
 /// Every HTTP/2 endpoint accepts frames this large (the floor of
 /// SETTINGS_MAX_FRAME_SIZE), so re-encoded blocks are cut to it.
 const MAX_FRAME_PAYLOAD: usize = 16_384;
-/// Largest header block accepted, compressed or decoded.
-const MAX_HEADER_BLOCK: usize = 64 * 1024;
-/// The HPACK dynamic table size a client starts with: the server's
-/// SETTINGS_HEADER_TABLE_SIZE, which tonic leaves at the default.
-const INITIAL_TABLE_SIZE: usize = 4096;
-/// Largest dynamic table size update accepted.
+/// Largest header block accepted, compressed or decoded: the
+/// SETTINGS_MAX_HEADER_LIST_SIZE the server (hyper's default, which tonic
+/// keeps) advertises and enforces, so nothing it would accept is refused.
+/// It also bounds decoding time: `loona_hpack` builds a fresh Huffman
+/// table for every Huffman-coded string (bearcove/loona#229), about 20 µs
+/// each in a release build, and a block can hold one every two bytes.
+const MAX_HEADER_BLOCK: usize = 16 * 1024;
+/// Largest dynamic table size update accepted. (The table starts at 4096,
+/// the HTTP/2 default, which tonic leaves as it is.)
 const MAX_TABLE_SIZE: usize = 64 * 1024;
 /// Per RFC 7541 §4.1, the overhead counted for each table entry.
 const ENTRY_OVERHEAD: usize = 32;
@@ -60,7 +75,7 @@ const ENTRY_OVERHEAD: usize = 32;
 const AUTHORITY: &[u8] = b":authority";
 const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 
-fn malformed(what: &'static str) -> io::Error {
+fn malformed(what: impl Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!("malformed HTTP/2 from a Workload API client: {what}"),
@@ -182,7 +197,9 @@ struct Rewriter {
     /// Payload bytes of a passed-through frame still to forward.
     passthrough: usize,
     block: Option<PendingBlock>,
-    decoder: Decoder,
+    /// One decoder for the whole connection: it must see every header
+    /// block, in order, to follow the client's dynamic table.
+    decoder: Decoder<'static>,
 }
 
 impl Rewriter {
@@ -192,7 +209,7 @@ impl Rewriter {
             pending: Vec::new(),
             passthrough: 0,
             block: None,
-            decoder: Decoder::new(),
+            decoder: new_decoder(),
         }
     }
 
@@ -331,10 +348,10 @@ impl Rewriter {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
-        let mut fields = self.decoder.decode(&block.fragment)?;
-        for field in &mut fields {
-            if field.name == AUTHORITY {
-                field.value = REPLACEMENT_AUTHORITY.to_vec();
+        let mut fields = decode(&mut self.decoder, &block.fragment)?;
+        for (name, value) in &mut fields {
+            if name == AUTHORITY {
+                *value = REPLACEMENT_AUTHORITY.to_vec();
             }
         }
         write_header_frames(&block, &encode(&fields), out);
@@ -388,362 +405,54 @@ fn write_header_frames(block: &PendingBlock, encoded: &[u8], out: &mut Vec<u8>) 
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Field {
-    name: Vec<u8>,
-    value: Vec<u8>,
-    /// Sent as "never indexed" (RFC 7541 §6.2.3); kept so when re-encoded.
-    never_indexed: bool,
+/// A decoded header field: name and value.
+type Field = (Vec<u8>, Vec<u8>);
+
+/// The connection's HPACK decoder, mirroring the client's dynamic table.
+/// It starts at the table size of RFC 7541 / HTTP/2 (4096) and refuses
+/// updates beyond [`MAX_TABLE_SIZE`].
+fn new_decoder() -> Decoder<'static> {
+    let mut decoder = Decoder::new();
+    decoder.set_max_allowed_table_size(MAX_TABLE_SIZE);
+    decoder
 }
 
-/// An HPACK decoder (RFC 7541) mirroring the client's dynamic table.
-struct Decoder {
-    /// Newest entry first, as HPACK indexes it.
-    table: VecDeque<(Vec<u8>, Vec<u8>)>,
-    size: usize,
-    max_size: usize,
-}
-
-impl Decoder {
-    fn new() -> Self {
-        Self {
-            table: VecDeque::new(),
-            size: 0,
-            max_size: INITIAL_TABLE_SIZE,
-        }
-    }
-
-    fn decode(&mut self, mut block: &[u8]) -> io::Result<Vec<Field>> {
-        let mut fields = Vec::new();
-        let mut list_size = 0usize;
-        while let Some(&first) = block.first() {
-            let field = if first & 0x80 != 0 {
-                let index = decode_int(&mut block, 7)?;
-                let (name, value) = self.get(index)?;
-                Field {
-                    name,
-                    value,
-                    never_indexed: false,
-                }
-            } else if first & 0xc0 == 0x40 {
-                let (name, value) = self.literal(&mut block, 6)?;
-                self.insert(name.clone(), value.clone());
-                Field {
-                    name,
-                    value,
-                    never_indexed: false,
-                }
-            } else if first & 0xe0 == 0x20 {
-                // A dynamic table size update: only before the first field.
-                if !fields.is_empty() {
-                    return Err(malformed("table size update after a header field"));
-                }
-                let size = decode_int(&mut block, 5)?;
-                if size > MAX_TABLE_SIZE {
-                    return Err(malformed("dynamic table size too large"));
-                }
-                self.max_size = size;
-                self.evict(0);
-                continue;
-            } else {
-                let (name, value) = self.literal(&mut block, 4)?;
-                Field {
-                    name,
-                    value,
-                    never_indexed: first & 0x10 != 0,
-                }
-            };
-            list_size += field.name.len() + field.value.len() + ENTRY_OVERHEAD;
-            if list_size > MAX_HEADER_BLOCK {
-                return Err(malformed("header list too large"));
+/// Decodes one complete header block. The decoded header list is bounded
+/// by [`MAX_HEADER_BLOCK`], counted as HTTP/2 does (RFC 7540 §6.5.2): a
+/// block can refer to the same large table entry many times.
+fn decode(decoder: &mut Decoder<'_>, block: &[u8]) -> io::Result<Vec<Field>> {
+    let mut fields = Vec::new();
+    let mut list_size = 0usize;
+    decoder
+        .decode_with_cb(block, |name, value| {
+            list_size = list_size.saturating_add(name.len() + value.len() + ENTRY_OVERHEAD);
+            if list_size <= MAX_HEADER_BLOCK {
+                fields.push((name.into_owned(), value.into_owned()));
             }
-            fields.push(field);
-        }
-        Ok(fields)
+        })
+        .map_err(|e| malformed(format!("HPACK: {e}")))?;
+    if list_size > MAX_HEADER_BLOCK {
+        return Err(malformed("header list too large"));
     }
-
-    fn literal(&self, block: &mut &[u8], prefix: u8) -> io::Result<(Vec<u8>, Vec<u8>)> {
-        let index = decode_int(block, prefix)?;
-        let name = if index == 0 {
-            decode_string(block)?
-        } else {
-            self.get(index)?.0
-        };
-        let value = decode_string(block)?;
-        Ok((name, value))
-    }
-
-    fn get(&self, index: usize) -> io::Result<(Vec<u8>, Vec<u8>)> {
-        if index == 0 {
-            return Err(malformed("header index 0"));
-        }
-        if let Some((name, value)) = STATIC_TABLE.get(index - 1) {
-            return Ok((name.to_vec(), value.to_vec()));
-        }
-        self.table
-            .get(index - 1 - STATIC_TABLE.len())
-            .cloned()
-            .ok_or(malformed("header index beyond the tables"))
-    }
-
-    /// Makes room for `incoming` bytes, oldest entries first.
-    fn evict(&mut self, incoming: usize) {
-        while self.size + incoming > self.max_size {
-            let Some((name, value)) = self.table.pop_back() else {
-                break;
-            };
-            self.size -= name.len() + value.len() + ENTRY_OVERHEAD;
-        }
-    }
-
-    fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
-        let size = name.len() + value.len() + ENTRY_OVERHEAD;
-        if size > self.max_size {
-            // RFC 7541 §4.4: an entry larger than the table empties it.
-            self.table.clear();
-            self.size = 0;
-            return;
-        }
-        self.evict(size);
-        self.size += size;
-        self.table.push_front((name, value));
-    }
+    Ok(fields)
 }
 
-/// An HPACK integer with an N-bit prefix (RFC 7541 §5.1).
-fn decode_int(block: &mut &[u8], prefix: u8) -> io::Result<usize> {
-    let (&first, rest) = block.split_first().ok_or(malformed("truncated integer"))?;
-    *block = rest;
-    let mask = (1u8 << prefix) - 1;
-    let mut value = usize::from(first & mask);
-    if value < usize::from(mask) {
-        return Ok(value);
-    }
-    let mut shift = 0u32;
-    loop {
-        let (&byte, rest) = block.split_first().ok_or(malformed("truncated integer"))?;
-        *block = rest;
-        // Anything past 2^28 is far beyond every limit here.
-        if shift > 21 {
-            return Err(malformed("integer too large"));
-        }
-        value += usize::from(byte & 0x7f) << shift;
-        shift += 7;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-}
-
-/// An HPACK string literal (RFC 7541 §5.2), Huffman-coded or not.
-fn decode_string(block: &mut &[u8]) -> io::Result<Vec<u8>> {
-    let huffman = block.first().is_some_and(|&b| b & 0x80 != 0);
-    let len = decode_int(block, 7)?;
-    if len > block.len() {
-        return Err(malformed("truncated string"));
-    }
-    let (raw, rest) = block.split_at(len);
-    *block = rest;
-    if huffman {
-        huffman_decode(raw)
-    } else {
-        Ok(raw.to_vec())
-    }
-}
-
-fn encode_int(out: &mut Vec<u8>, value: usize, prefix: u8, flags: u8) {
-    let mask = (1u8 << prefix) - 1;
-    if value < usize::from(mask) {
-        out.push(flags | value as u8);
-        return;
-    }
-    out.push(flags | mask);
-    let mut rest = value - usize::from(mask);
-    while rest >= 0x80 {
-        out.push((rest & 0x7f) as u8 | 0x80);
-        rest >>= 7;
-    }
-    out.push(rest as u8);
-}
-
-/// Encodes fields as literals with literal names and raw strings: no
-/// dynamic table, no Huffman, so the server's decoder state stays empty.
+/// Encodes fields as "literal without indexing" with literal names and raw
+/// strings (RFC 7541 §6.2.2): no dynamic table, no Huffman, so the server's
+/// decoder needs no state from us, whatever table size it advertises.
+/// `loona_hpack::Encoder` has no such mode (it indexes new names), so only
+/// its integer encoding is used.
 fn encode(fields: &[Field]) -> Vec<u8> {
     let mut out = Vec::new();
-    for field in fields {
-        // "Literal without indexing" (0000) or "never indexed" (0001),
-        // with index 0: a literal name follows.
-        out.push(if field.never_indexed { 0x10 } else { 0x00 });
-        for s in [&field.name, &field.value] {
-            encode_int(&mut out, s.len(), 7, 0x00);
+    for (name, value) in fields {
+        out.push(0x00); // literal without indexing, literal name follows
+        for s in [name, value] {
+            encode_integer_into(s.len(), 7, 0x00, &mut out).expect("writing to a Vec cannot fail");
             out.extend_from_slice(s);
         }
     }
     out
 }
-
-/// Huffman code lengths of symbols 0-255 and EOS (256), RFC 7541
-/// Appendix B. The code is canonical, so the codes follow from the lengths
-/// (checked against the RFC's codes in the tests).
-const HUFFMAN_CODE_LENGTHS: [u8; 257] = [
-    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 30, 28,
-    28, 28, 28, 28, 28, 28, 28, 28, 6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6, 5, 5,
-    5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10, 13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
-    7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, 15, 5, 6, 5, 6, 5, 6, 6, 6, 5, 7, 7, 6, 6,
-    6, 5, 6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28, 20, 22, 20, 20, 22, 22, 22, 23, 22,
-    23, 23, 23, 23, 23, 24, 23, 24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23, 22, 23, 23, 24, 22,
-    21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, 21, 21, 22, 21, 23, 22, 23, 23, 20,
-    22, 22, 22, 23, 22, 22, 23, 26, 26, 20, 19, 22, 23, 22, 25, 26, 26, 26, 27, 27, 26, 24, 25, 19,
-    21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, 20, 24, 20, 21, 22, 21, 21, 23, 22,
-    22, 25, 25, 24, 24, 26, 23, 26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26, 30,
-];
-
-const EOS: u16 = 256;
-const LEAF: u16 = 0x8000;
-
-/// The canonical code of each symbol, as (code, length).
-fn huffman_codes() -> Vec<(u32, u8)> {
-    let mut order: Vec<usize> = (0..HUFFMAN_CODE_LENGTHS.len()).collect();
-    order.sort_by_key(|&s| (HUFFMAN_CODE_LENGTHS[s], s));
-    let mut codes = vec![(0u32, 0u8); HUFFMAN_CODE_LENGTHS.len()];
-    let mut code = 0u32;
-    let mut previous_len = 0u8;
-    for (i, &symbol) in order.iter().enumerate() {
-        let len = HUFFMAN_CODE_LENGTHS[symbol];
-        if i > 0 {
-            code = (code + 1) << (len - previous_len);
-        }
-        previous_len = len;
-        codes[symbol] = (code, len);
-    }
-    codes
-}
-
-/// The decoding tree: node i's children for bit 0 and 1; a child is an
-/// inner node index, or `LEAF | symbol`. Node 0 is the root, so 0 as a
-/// child means "no such code".
-static HUFFMAN_TREE: LazyLock<Vec<[u16; 2]>> = LazyLock::new(|| {
-    let mut nodes: Vec<[u16; 2]> = vec![[0, 0]];
-    for (symbol, (code, len)) in huffman_codes().into_iter().enumerate() {
-        let mut node = 0usize;
-        for i in (0..len).rev() {
-            let bit = ((code >> i) & 1) as usize;
-            if i == 0 {
-                nodes[node][bit] = LEAF | symbol as u16;
-            } else {
-                if nodes[node][bit] == 0 {
-                    nodes.push([0, 0]);
-                    nodes[node][bit] = (nodes.len() - 1) as u16;
-                }
-                node = usize::from(nodes[node][bit]);
-            }
-        }
-    }
-    nodes
-});
-
-fn huffman_decode(raw: &[u8]) -> io::Result<Vec<u8>> {
-    let tree = &*HUFFMAN_TREE;
-    let mut out = Vec::with_capacity(raw.len() * 8 / 5);
-    let mut node = 0usize;
-    // Bits since the last symbol, and whether all were ones: what may
-    // legally be left over as padding (RFC 7541 §5.2).
-    let mut pending_bits = 0u32;
-    let mut all_ones = true;
-    for &byte in raw {
-        for i in (0..8).rev() {
-            let bit = (byte >> i) & 1;
-            let next = tree
-                .get(node)
-                .map_or(0, |children| children[usize::from(bit)]);
-            pending_bits += 1;
-            all_ones &= bit == 1;
-            if next & LEAF != 0 {
-                let symbol = next & !LEAF;
-                if symbol == EOS {
-                    return Err(malformed("EOS inside a Huffman string"));
-                }
-                out.push(symbol as u8);
-                node = 0;
-                pending_bits = 0;
-                all_ones = true;
-            } else if next == 0 {
-                return Err(malformed("invalid Huffman code"));
-            } else {
-                node = usize::from(next);
-            }
-        }
-    }
-    if pending_bits > 7 || !all_ones {
-        return Err(malformed("bad Huffman padding"));
-    }
-    Ok(out)
-}
-
-/// RFC 7541 Appendix A.
-const STATIC_TABLE: [(&[u8], &[u8]); 61] = [
-    (b":authority", b""),
-    (b":method", b"GET"),
-    (b":method", b"POST"),
-    (b":path", b"/"),
-    (b":path", b"/index.html"),
-    (b":scheme", b"http"),
-    (b":scheme", b"https"),
-    (b":status", b"200"),
-    (b":status", b"204"),
-    (b":status", b"206"),
-    (b":status", b"304"),
-    (b":status", b"400"),
-    (b":status", b"404"),
-    (b":status", b"500"),
-    (b"accept-charset", b""),
-    (b"accept-encoding", b"gzip, deflate"),
-    (b"accept-language", b""),
-    (b"accept-ranges", b""),
-    (b"accept", b""),
-    (b"access-control-allow-origin", b""),
-    (b"age", b""),
-    (b"allow", b""),
-    (b"authorization", b""),
-    (b"cache-control", b""),
-    (b"content-disposition", b""),
-    (b"content-encoding", b""),
-    (b"content-language", b""),
-    (b"content-length", b""),
-    (b"content-location", b""),
-    (b"content-range", b""),
-    (b"content-type", b""),
-    (b"cookie", b""),
-    (b"date", b""),
-    (b"etag", b""),
-    (b"expect", b""),
-    (b"expires", b""),
-    (b"from", b""),
-    (b"host", b""),
-    (b"if-match", b""),
-    (b"if-modified-since", b""),
-    (b"if-none-match", b""),
-    (b"if-range", b""),
-    (b"if-unmodified-since", b""),
-    (b"last-modified", b""),
-    (b"link", b""),
-    (b"location", b""),
-    (b"max-forwards", b""),
-    (b"proxy-authenticate", b""),
-    (b"proxy-authorization", b""),
-    (b"range", b""),
-    (b"referer", b""),
-    (b"refresh", b""),
-    (b"retry-after", b""),
-    (b"server", b""),
-    (b"set-cookie", b""),
-    (b"strict-transport-security", b""),
-    (b"transfer-encoding", b""),
-    (b"user-agent", b""),
-    (b"vary", b""),
-    (b"via", b""),
-    (b"www-authenticate", b""),
-];
 
 #[cfg(test)]
 mod tests {
@@ -760,10 +469,10 @@ mod tests {
     fn pairs(fields: &[Field]) -> Vec<(String, String)> {
         fields
             .iter()
-            .map(|f| {
+            .map(|(name, value)| {
                 (
-                    String::from_utf8(f.name.clone()).unwrap(),
-                    String::from_utf8(f.value.clone()).unwrap(),
+                    String::from_utf8(name.clone()).unwrap(),
+                    String::from_utf8(value.clone()).unwrap(),
                 )
             })
             .collect()
@@ -773,27 +482,25 @@ mod tests {
         (name.into(), value.into())
     }
 
-    #[test]
-    fn canonical_codes_match_the_rfc() {
-        let codes = huffman_codes();
-        // A few codes straight from RFC 7541 Appendix B.
-        assert_eq!(codes[usize::from(b'0')], (0x0, 5));
-        assert_eq!(codes[usize::from(b'a')], (0x3, 5));
-        assert_eq!(codes[usize::from(b' ')], (0x14, 6));
-        assert_eq!(codes[usize::from(b'%')], (0x15, 6));
-        assert_eq!(codes[usize::from(b'/')], (0x18, 6));
-        assert_eq!(codes[0], (0x1ff8, 13));
-        assert_eq!(codes[255], (0x3ffffee, 26));
-        assert_eq!(codes[256], (0x3fffffff, 30));
+    /// The dynamic table after the three requests of RFC 7541 C.3 / C.4,
+    /// read back through indices 62-64.
+    fn assert_c3_table(d: &mut Decoder<'_>) {
+        assert_eq!(
+            pairs(&decode(d, &[0xbe, 0xbf, 0xc0]).unwrap()),
+            [
+                p("custom-key", "custom-value"),
+                p("cache-control", "no-cache"),
+                p(":authority", "www.example.com")
+            ]
+        );
+        assert!(decode(d, &[0xc1]).is_err(), "only three entries");
     }
 
     /// RFC 7541 C.3: requests without Huffman coding, sharing a table.
     #[test]
     fn rfc_7541_c3_requests() {
-        let mut d = Decoder::new();
-        let first = d
-            .decode(&hex("828684410f7777772e6578616d706c652e636f6d"))
-            .unwrap();
+        let mut d = new_decoder();
+        let first = decode(&mut d, &hex("828684410f7777772e6578616d706c652e636f6d")).unwrap();
         assert_eq!(
             pairs(&first),
             [
@@ -803,7 +510,7 @@ mod tests {
                 p(":authority", "www.example.com")
             ]
         );
-        let second = d.decode(&hex("828684be58086e6f2d6361636865")).unwrap();
+        let second = decode(&mut d, &hex("828684be58086e6f2d6361636865")).unwrap();
         assert_eq!(
             pairs(&second),
             [
@@ -814,11 +521,11 @@ mod tests {
                 p("cache-control", "no-cache")
             ]
         );
-        let third = d
-            .decode(&hex(
-                "828785bf400a637573746f6d2d6b65790c637573746f6d2d76616c7565",
-            ))
-            .unwrap();
+        let third = decode(
+            &mut d,
+            &hex("828785bf400a637573746f6d2d6b65790c637573746f6d2d76616c7565"),
+        )
+        .unwrap();
         assert_eq!(
             pairs(&third),
             [
@@ -829,86 +536,92 @@ mod tests {
                 p("custom-key", "custom-value")
             ]
         );
-        assert_eq!(d.size, 164);
+        assert_c3_table(&mut d);
     }
 
     /// RFC 7541 C.4: the same requests with Huffman coding.
     #[test]
     fn rfc_7541_c4_requests_with_huffman() {
-        let mut d = Decoder::new();
-        let first = d
-            .decode(&hex("828684418cf1e3c2e5f23a6ba0ab90f4ff"))
-            .unwrap();
-        assert_eq!(first[3].value, b"www.example.com");
-        let second = d.decode(&hex("828684be5886a8eb10649cbf")).unwrap();
-        assert_eq!(
-            second[4],
-            Field {
-                name: b"cache-control".to_vec(),
-                value: b"no-cache".to_vec(),
-                never_indexed: false,
-            }
-        );
-        let third = d
-            .decode(&hex("828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf"))
-            .unwrap();
+        let mut d = new_decoder();
+        let first = decode(&mut d, &hex("828684418cf1e3c2e5f23a6ba0ab90f4ff")).unwrap();
+        assert_eq!(pairs(&first)[3], p(":authority", "www.example.com"));
+        let second = decode(&mut d, &hex("828684be5886a8eb10649cbf")).unwrap();
+        assert_eq!(pairs(&second)[4], p("cache-control", "no-cache"));
+        let third = decode(
+            &mut d,
+            &hex("828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf"),
+        )
+        .unwrap();
         assert_eq!(pairs(&third)[4], p("custom-key", "custom-value"));
-        assert_eq!(d.size, 164);
+        assert_c3_table(&mut d);
     }
 
     #[test]
     fn huffman_rejects_bad_padding_and_eos() {
+        // A field with a literal name and the given Huffman-coded value.
+        let block = |value: &[u8]| {
+            let mut b = vec![0x00, 0x01, b'n', 0x80 | value.len() as u8];
+            b.extend_from_slice(value);
+            b
+        };
         // "a" is 00011; padded with ones: 00011111.
-        assert_eq!(huffman_decode(&[0b0001_1111]).unwrap(), b"a");
+        let fields = decode(&mut new_decoder(), &block(&[0b0001_1111])).unwrap();
+        assert_eq!(pairs(&fields), [p("n", "a")]);
         // Padded with a zero bit.
-        assert!(huffman_decode(&[0b0001_1110]).is_err());
+        assert!(decode(&mut new_decoder(), &block(&[0b0001_1110])).is_err());
         // Eight bits of padding.
-        assert!(huffman_decode(&[0b0001_1111, 0xff]).is_err());
+        assert!(decode(&mut new_decoder(), &block(&[0b0001_1111, 0xff])).is_err());
         // EOS (30 ones) inside the string.
-        assert!(huffman_decode(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode(&mut new_decoder(), &block(&[0xff, 0xff, 0xff, 0xff])).is_err());
     }
 
     #[test]
-    fn encoding_round_trips() {
+    fn encoding_round_trips_without_touching_the_table() {
         let fields = vec![
-            Field {
-                name: b":authority".to_vec(),
-                value: b"x".repeat(300),
-                never_indexed: false,
-            },
-            Field {
-                name: b"secret".to_vec(),
-                value: b"s".to_vec(),
-                never_indexed: true,
-            },
-            Field {
-                name: Vec::new(),
-                value: Vec::new(),
-                never_indexed: false,
-            },
+            (b":authority".to_vec(), b"x".repeat(300)),
+            (b"secret".to_vec(), b"s".to_vec()),
+            (Vec::new(), Vec::new()),
         ];
-        let mut d = Decoder::new();
-        assert_eq!(d.decode(&encode(&fields)).unwrap(), fields);
-        assert!(d.table.is_empty(), "literals never touch the table");
+        let mut d = new_decoder();
+        assert_eq!(decode(&mut d, &encode(&fields)).unwrap(), fields);
+        assert!(decode(&mut d, &[0xbe]).is_err(), "literals are not indexed");
     }
 
     #[test]
     fn table_size_updates_and_eviction() {
-        let mut d = Decoder::new();
+        let mut d = new_decoder();
         // Size update to 0 empties the table; then a literal with indexing.
-        let mut block = vec![0x20, 0x40, 0x01, b'a', 0x01, b'b'];
-        assert_eq!(pairs(&d.decode(&block).unwrap()), [p("a", "b")]);
+        let block = [0x20, 0x40, 0x01, b'a', 0x01, b'b'];
+        assert_eq!(pairs(&decode(&mut d, &block).unwrap()), [p("a", "b")]);
         assert!(
-            d.table.is_empty(),
+            decode(&mut d, &[0xbe]).is_err(),
             "an entry larger than the table is not kept"
         );
-        // Update after a field is an error.
-        block = vec![0x82, 0x3f, 0x01];
-        assert!(d.decode(&block).is_err());
-        // Too large an update is an error.
+        // An update ending the block is an error.
+        assert!(decode(&mut d, &[0x82, 0x3f, 0x01]).is_err());
+        // The largest update allowed, then one too large.
+        let mut largest = Vec::new();
+        encode_integer_into(MAX_TABLE_SIZE, 5, 0x20, &mut largest).unwrap();
+        largest.push(0x82);
+        assert!(decode(&mut new_decoder(), &largest).is_ok());
         let mut too_big = Vec::new();
-        encode_int(&mut too_big, MAX_TABLE_SIZE + 1, 5, 0x20);
-        assert!(d.decode(&too_big).is_err());
+        encode_integer_into(MAX_TABLE_SIZE + 1, 5, 0x20, &mut too_big).unwrap();
+        too_big.push(0x82);
+        assert!(decode(&mut new_decoder(), &too_big).is_err());
+    }
+
+    #[test]
+    fn the_decoded_header_list_is_bounded() {
+        // One 4000-byte entry (4033 bytes as counted), then referred to by
+        // one byte each time.
+        let mut block = vec![0x40, 0x01, b'a'];
+        encode_integer_into(4000, 7, 0x00, &mut block).unwrap();
+        block.extend_from_slice(&[b'v'; 4000]);
+        let mut d = new_decoder();
+        assert_eq!(decode(&mut d, &block).unwrap().len(), 1);
+        let fit = MAX_HEADER_BLOCK / 4033;
+        assert_eq!(decode(&mut d, &vec![0xbe; fit]).unwrap().len(), fit);
+        assert!(decode(&mut d, &vec![0xbe; fit + 1]).is_err());
     }
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -974,7 +687,7 @@ mod tests {
         assert_eq!((*kind, *stream), (TYPE_HEADERS, 1));
         assert_eq!(*flags, FLAG_PRIORITY | FLAG_END_STREAM | FLAG_END_HEADERS);
         assert_eq!(&payload[..5], &[0, 0, 0, 0, 16]);
-        let fields = Decoder::new().decode(&payload[5..]).unwrap();
+        let fields = decode(&mut new_decoder(), &payload[5..]).unwrap();
         assert_eq!(
             pairs(&fields),
             [
@@ -1000,8 +713,11 @@ mod tests {
         input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &second));
         out.clear();
         rewriter.feed(&input, &mut out).unwrap();
-        for (_, _, _, payload) in parse_frames(&out) {
-            let fields = Decoder::new().decode(&payload).unwrap();
+        let frames = parse_frames(&out);
+        assert_eq!(frames.len(), 2);
+        for (_, _, _, payload) in frames {
+            // Each rewritten block decodes on its own, with no table state.
+            let fields = decode(&mut new_decoder(), &payload).unwrap();
             assert_eq!(pairs(&fields), [p(":authority", "localhost")]);
         }
     }
@@ -1009,11 +725,7 @@ mod tests {
     #[test]
     fn large_blocks_are_split_into_continuations() {
         let fields: Vec<Field> = (0..40)
-            .map(|i| Field {
-                name: format!("x-{i}").into_bytes(),
-                value: vec![b'v'; 1000],
-                never_indexed: false,
-            })
+            .map(|i| (format!("x-{i}").into_bytes(), vec![b'v'; 1000]))
             .collect();
         let block = PendingBlock {
             stream_id: 5,
@@ -1058,11 +770,14 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for round in 0..2000 {
+        // One decoder across all rounds too, so that garbage also meets a
+        // table filled by earlier garbage.
+        let mut shared = new_decoder();
+        for round in 0..5000 {
             let len = (next() % 64) as usize;
             let block: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            let _ = Decoder::new().decode(&block);
-            let _ = huffman_decode(&block);
+            let _ = decode(&mut new_decoder(), &block);
+            let _ = decode(&mut shared, &block);
             let mut rewriter = Rewriter::new();
             let mut out = Vec::new();
             let _ = rewriter.feed(PREFACE, &mut out);

@@ -209,6 +209,17 @@ impl BundleSet {
         Self::default()
     }
 
+    /// True when both sets trust exactly the same CAs for the same trust
+    /// domains (so nothing verified under one can fail under the other).
+    pub fn same_trust(&self, other: &BundleSet) -> bool {
+        self.bundles.len() == other.bundles.len()
+            && self
+                .bundles
+                .iter()
+                .zip(other.bundles.iter())
+                .all(|((a_td, a), (b_td, b))| a_td == b_td && a.certs == b.certs)
+    }
+
     /// Adds a bundle, replacing any earlier one for the same trust domain.
     pub fn insert(&mut self, bundle: TrustBundle) {
         self.bundles
@@ -342,6 +353,12 @@ impl IdentityStore {
     /// A receiver that sees a new value on every publish or withdraw.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// How many times the identity changed: compare two readings to know
+    /// whether anything was published in between.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
     }
 }
 

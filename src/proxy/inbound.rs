@@ -15,12 +15,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, field, info_span, Instrument, Span};
 
-use super::copy::{pipe, CopyEnd};
 use super::registry::Registration;
 use super::{classify_handshake_error, Tunnel};
 use crate::config::{InboundConfig, Target};
 use crate::metrics::ConnResult;
-use crate::tls::verify::{authorize_session, PeerRole};
+use crate::tls::verify::{PeerRole, VerifiedPeer};
 use tokio_util::sync::CancellationToken;
 
 /// One inbound tunnel.
@@ -81,6 +80,8 @@ impl Inbound {
             return;
         }
 
+        // Identity changes after this point are re-checked in `admit`.
+        let generation = t.store.generation();
         let started = Instant::now();
         let handshake =
             tokio::time::timeout(t.settings.handshake_timeout, self.acceptor.accept(tcp)).await;
@@ -108,14 +109,14 @@ impl Inbound {
 
         let (_, session) = tls.get_ref();
         let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
-        let peer = match authorize_session(
+        let peer = match t.admit(
             session.peer_certificates(),
             resumed,
-            &t.store,
-            &t.policy.load(),
+            generation,
+            registration,
             PeerRole::Client,
         ) {
-            Ok(id) => id,
+            Ok(peer) => peer,
             Err(e) => {
                 let result = if e.is_denial() {
                     ConnResult::denied
@@ -127,7 +128,6 @@ impl Inbound {
             }
         };
         Span::current().record("peer_id", field::display(&peer.id));
-        registration.set_peer(peer);
         debug!(resumed, "peer authorized");
 
         // Authorized: now, and only now, the target hears of this peer.
@@ -141,7 +141,7 @@ impl Inbound {
                 {
                     Ok(Ok(target)) => {
                         let _ = target.set_nodelay(true);
-                        self.forward(&mut tls, target, close).await;
+                        self.forward(&mut tls, target, &peer, close).await;
                     }
                     Ok(Err(e)) => t.refuse(
                         ConnResult::upstream_error,
@@ -157,7 +157,7 @@ impl Inbound {
                 match tokio::time::timeout(t.settings.connect_timeout, UnixStream::connect(path))
                     .await
                 {
-                    Ok(Ok(target)) => self.forward(&mut tls, target, close).await,
+                    Ok(Ok(target)) => self.forward(&mut tls, target, &peer, close).await,
                     Ok(Err(e)) => t.refuse(
                         ConnResult::upstream_error,
                         &format_args!("target unix:{}: {e}", path.display()),
@@ -171,34 +171,16 @@ impl Inbound {
         }
     }
 
-    async fn forward<C, S>(&self, client: &mut C, mut target: S, close: &CancellationToken)
-    where
+    async fn forward<C, S>(
+        &self,
+        client: &mut C,
+        mut target: S,
+        peer: &VerifiedPeer,
+        close: &CancellationToken,
+    ) where
         C: AsyncRead + AsyncWrite + Unpin,
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let t = &self.tunnel;
-        t.metrics.count(ConnResult::ok);
-        t.metrics.active.inc();
-        let started = Instant::now();
-        let (moved, end) = pipe(client, &mut target, t.settings.idle_timeout, close).await;
-        t.metrics.active.dec();
-        t.metrics.client_to_server.inc_by(moved.client_to_server);
-        t.metrics.server_to_client.inc_by(moved.server_to_client);
-        debug!(
-            sent = moved.client_to_server,
-            received = moved.server_to_client,
-            duration_ms = started.elapsed().as_millis() as u64,
-            end = ?end_label(&end),
-            "connection closed"
-        );
-    }
-}
-
-pub(super) fn end_label(end: &CopyEnd) -> String {
-    match end {
-        CopyEnd::Done => "done".into(),
-        CopyEnd::Idle => "idle timeout".into(),
-        CopyEnd::Cancelled => "closed by spiffe-tunnel".into(),
-        CopyEnd::Failed(e) => format!("error: {e}"),
+        self.tunnel.carry(client, &mut target, peer, close).await;
     }
 }

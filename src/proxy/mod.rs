@@ -28,8 +28,15 @@ use crate::identity::IdentityStore;
 use crate::metrics::{ConnResult, TunnelKind, TunnelMetrics};
 use crate::policy::Policy;
 use crate::tls::resolver::SvidResolver;
-use crate::tls::verify::VerifyError;
+use crate::tls::verify::{
+    authorize, authorize_session, to_unix_time, verify_svid_chain, PeerRole, VerifiedPeer,
+    VerifyError,
+};
+use copy::CopyEnd;
 use registry::{ConnectionRegistry, Registration};
+use rustls_pki_types::CertificateDer;
+use std::time::SystemTime;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What every connection of one tunnel shares.
 #[derive(Debug)]
@@ -53,6 +60,8 @@ pub struct Tunnel {
     pub registry: Arc<ConnectionRegistry>,
     /// The reason of the most recent refusal, for `/status` and the demo.
     last_refusal: ArcSwapOption<String>,
+    /// One info line per connection when set.
+    pub access_log: bool,
 }
 
 /// Everything a tunnel needs from the process around it.
@@ -86,7 +95,14 @@ impl Tunnel {
             close_all: CancellationToken::new(),
             registry: Arc::clone(&ctx.registry),
             last_refusal: ArcSwapOption::empty(),
+            access_log: false,
         }
+    }
+
+    /// Turns the per-connection access log on or off.
+    pub fn with_access_log(mut self, on: bool) -> Self {
+        self.access_log = on;
+        self
     }
 
     /// The reason of the most recent refused connection, if any.
@@ -151,6 +167,97 @@ impl Tunnel {
                 }
             }
         }
+    }
+
+    /// Authorizes an established session and records its peer in the
+    /// registry, closing the race with a concurrent reload: a reload stores
+    /// the new policy or identity first and then scans the registry, while
+    /// this records the peer first and then looks whether anything changed
+    /// since it was checked; so either the scan sees this connection or this
+    /// sees the change.
+    pub fn admit(
+        &self,
+        peer_chain: Option<&[CertificateDer<'static>]>,
+        resumed: bool,
+        generation_before: u64,
+        registration: &Registration,
+        role: PeerRole,
+    ) -> Result<VerifiedPeer, VerifyError> {
+        let policy = self.policy.load_full();
+        let peer = authorize_session(peer_chain, resumed, &self.store, &policy, role)?;
+        let chain = peer_chain.unwrap_or_default();
+        registration.set_peer(peer.clone(), chain);
+        let current = self.policy.load_full();
+        if !Arc::ptr_eq(&policy, &current) {
+            authorize(&current, &peer.id)?;
+        }
+        if self.store.generation() != generation_before {
+            let identity = self.store.load().ok_or(VerifyError::NoIdentity)?;
+            verify_svid_chain(
+                chain,
+                &identity.bundles,
+                to_unix_time(SystemTime::now()),
+                role,
+            )?;
+        }
+        Ok(peer)
+    }
+
+    /// Copies between the two ends of an authorized connection until it
+    /// ends, with the metrics and the closing log line (the access log when
+    /// the tunnel has one, else a debug line).
+    pub async fn carry<C, S>(
+        &self,
+        client: &mut C,
+        server: &mut S,
+        peer: &VerifiedPeer,
+        close: &CancellationToken,
+    ) -> (copy::Transferred, CopyEnd)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.metrics.count(ConnResult::ok);
+        self.metrics.active.inc();
+        let started = std::time::Instant::now();
+        let (moved, end) = copy::pipe(client, server, self.settings.idle_timeout, close).await;
+        self.metrics.active.dec();
+        self.metrics.client_to_server.inc_by(moved.client_to_server);
+        self.metrics.server_to_client.inc_by(moved.server_to_client);
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let how = match &end {
+            CopyEnd::Done => "done".to_string(),
+            CopyEnd::Idle => "idle timeout".to_string(),
+            CopyEnd::Cancelled => {
+                "closed by spiffe-tunnel (revoked, drained or removed)".to_string()
+            }
+            CopyEnd::Failed(e) => format!("error: {e}"),
+        };
+        if self.access_log {
+            info!(
+                target: "spiffe_tunnel::access",
+                peer = %peer.id,
+                sent = moved.client_to_server,
+                received = moved.server_to_client,
+                duration_ms,
+                end = %how,
+                "connection closed"
+            );
+        } else {
+            tracing::debug!(
+                sent = moved.client_to_server,
+                received = moved.server_to_client,
+                duration_ms,
+                end = %how,
+                "connection closed"
+            );
+        }
+        (moved, end)
+    }
+
+    /// "inbound" or "outbound", for messages.
+    pub fn kind_name(&self) -> &'static str {
+        self.kind.as_str()
     }
 
     /// Live connections right now.

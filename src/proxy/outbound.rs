@@ -16,13 +16,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, field, info_span, warn, Instrument, Span};
 
-use super::copy::{pipe, CopyEnd};
-use super::inbound::end_label;
+use super::copy::CopyEnd;
 use super::registry::Registration;
 use super::{classify_handshake_error, rustls_error, Tunnel};
 use crate::config::OutboundConfig;
 use crate::metrics::ConnResult;
-use crate::tls::verify::{authorize_session, PeerRole};
+use crate::tls::verify::PeerRole;
 use tokio_util::sync::CancellationToken;
 
 /// One outbound tunnel.
@@ -128,6 +127,8 @@ impl Outbound {
         };
         Span::current().record("upstream", upstream);
 
+        // Identity changes after this point are re-checked in `admit`.
+        let generation = t.store.generation();
         let started = Instant::now();
         let handshake = tokio::time::timeout(
             t.settings.handshake_timeout,
@@ -158,14 +159,14 @@ impl Outbound {
 
         let (_, session) = tls.get_ref();
         let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
-        let peer = match authorize_session(
+        let peer = match t.admit(
             session.peer_certificates(),
             resumed,
-            &t.store,
-            &t.policy.load(),
+            generation,
+            registration,
             PeerRole::Server,
         ) {
-            Ok(id) => id,
+            Ok(peer) => peer,
             Err(e) => {
                 let result = if e.is_denial() {
                     ConnResult::denied
@@ -177,16 +178,9 @@ impl Outbound {
             }
         };
         Span::current().record("peer_id", field::display(&peer.id));
-        registration.set_peer(peer);
         debug!(resumed, "peer authorized");
 
-        t.metrics.count(ConnResult::ok);
-        t.metrics.active.inc();
-        let started = Instant::now();
-        let (moved, end) = pipe(&mut client, &mut tls, t.settings.idle_timeout, close).await;
-        t.metrics.active.dec();
-        t.metrics.client_to_server.inc_by(moved.client_to_server);
-        t.metrics.server_to_client.inc_by(moved.server_to_client);
+        let (moved, end) = t.carry(&mut client, &mut tls, &peer, close).await;
         // In TLS 1.3 the server checks our certificate after our side of the
         // handshake is done, so its refusal arrives as the first read.
         if let CopyEnd::Failed(e) = &end {
@@ -196,13 +190,6 @@ impl Outbound {
                 warn!(alert = ?alert, "upstream refused our SVID (check its policy allows our SPIFFE ID)");
             }
         }
-        debug!(
-            sent = moved.client_to_server,
-            received = moved.server_to_client,
-            duration_ms = started.elapsed().as_millis() as u64,
-            end = %end_label(&end),
-            "connection closed"
-        );
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::TunnelKind;
@@ -29,6 +30,8 @@ pub struct ConnectionInfo {
     pub since: SystemTime,
     /// Set once the peer is authorized.
     pub peer: Option<VerifiedPeer>,
+    /// The peer's chain as it sent it, to re-verify when bundles change.
+    pub peer_chain: Option<Arc<[CertificateDer<'static>]>>,
 }
 
 #[derive(Debug)]
@@ -72,6 +75,7 @@ impl ConnectionRegistry {
             client,
             since: SystemTime::now(),
             peer: None,
+            peer_chain: None,
         };
         self.entries().insert(id, Entry { info, close });
         Registration {
@@ -90,12 +94,33 @@ impl ConnectionRegistry {
     /// Closes every authorized connection for which `keep` says no, and
     /// returns how many were closed.
     pub fn close_where(&self, mut keep: impl FnMut(&ConnectionInfo) -> bool) -> usize {
+        self.revoke_where(|info| {
+            if keep(info) {
+                None
+            } else {
+                Some(String::new())
+            }
+        })
+        .len()
+    }
+
+    /// Closes every authorized connection for which `reason` gives a
+    /// reason, and returns the closed connections with their reasons.
+    /// `reason` runs under the registry lock: keep it quick and never
+    /// await in it.
+    pub fn revoke_where(
+        &self,
+        mut reason: impl FnMut(&ConnectionInfo) -> Option<String>,
+    ) -> Vec<(ConnectionInfo, String)> {
         let entries = self.entries();
-        let mut closed = 0;
+        let mut closed = Vec::new();
         for entry in entries.values() {
-            if entry.info.peer.is_some() && !keep(&entry.info) && !entry.close.is_cancelled() {
+            if entry.info.peer.is_none() || entry.close.is_cancelled() {
+                continue;
+            }
+            if let Some(why) = reason(&entry.info) {
                 entry.close.cancel();
-                closed += 1;
+                closed.push((entry.info.clone(), why));
             }
         }
         closed
@@ -110,10 +135,11 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Records the authorized peer.
-    pub fn set_peer(&self, peer: VerifiedPeer) {
+    /// Records the authorized peer and the chain it presented.
+    pub fn set_peer(&self, peer: VerifiedPeer, chain: &[CertificateDer<'static>]) {
         if let Some(entry) = self.registry.entries().get_mut(&self.id) {
             entry.info.peer = Some(peer);
+            entry.info.peer_chain = Some(chain.into());
         }
     }
 }
@@ -148,8 +174,8 @@ mod tests {
         let a = registry.register("api", TunnelKind::inbound, addr, a_token.clone());
         let b = registry.register("api", TunnelKind::inbound, addr, b_token.clone());
         let _pending = registry.register("api", TunnelKind::inbound, addr, c_token.clone());
-        a.set_peer(peer("spiffe://example.org/web"));
-        b.set_peer(peer("spiffe://example.org/old"));
+        a.set_peer(peer("spiffe://example.org/web"), &[]);
+        b.set_peer(peer("spiffe://example.org/old"), &[]);
         assert_eq!(registry.snapshot().len(), 3);
 
         let closed = registry.close_where(|c| c.peer.as_ref().unwrap().id.path() == "/web");

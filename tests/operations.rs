@@ -1,0 +1,556 @@
+//! Operating a running daemon, over real sockets and signals: the admin
+//! endpoint (every route, a metrics scrape whose counters move), `status`,
+//! revocation of live connections by a policy reload, a refused bad reload,
+//! tunnels added and removed by SIGHUP while another tunnel's connection
+//! stays up, drain under load, and the per-connection access log.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::certs::Ca;
+use common::harness::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WEB: &str = "spiffe://example.org/web";
+const API: &str = "spiffe://example.org/api";
+
+/// A raw HTTP/1.0 GET; returns (status code, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+/// The value of one sample line in a Prometheus exposition.
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct Node {
+    config: PathBuf,
+    daemon: Daemon,
+    admin: SocketAddr,
+}
+
+/// One daemon with a file identity `id`; `tunnels` is the TOML of its
+/// tunnels, `extra` any more top-level tables.
+async fn node(dir: &Path, ca: &Ca, id: &str, tunnels: &str) -> Node {
+    std::fs::create_dir_all(dir).unwrap();
+    ca.leaf(id).write_files(dir);
+    let admin = free_addr();
+    let config = dir.join("tunnel.toml");
+    std::fs::write(&config, config_text(admin, tunnels)).unwrap();
+    let daemon = Daemon::run(&config);
+    daemon.wait_running().await;
+    Node {
+        config,
+        daemon,
+        admin,
+    }
+}
+
+fn config_text(admin: SocketAddr, tunnels: &str) -> String {
+    format!(
+        "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n[identity.bundles]\n\"example.org\" = \"bundle.pem\"\n\
+         [admin]\nlisten = \"{admin}\"\n[defaults]\ndrain_timeout = \"5s\"\n{tunnels}"
+    )
+}
+
+fn inbound(name: &str, listen: SocketAddr, target: SocketAddr, allow: &str, extra: &str) -> String {
+    format!("[[inbound]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"{target}\"\nallow = [{allow}]\n{extra}\n")
+}
+
+fn outbound(name: &str, listen: SocketAddr, upstream: SocketAddr) -> String {
+    format!("[[outbound]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstreams = [\"{upstream}\"]\nallow = [\"{API}\"]\n")
+}
+
+/// An open connection through a tunnel that echoes on demand.
+struct Live(TcpStream);
+
+impl Live {
+    async fn open(addr: SocketAddr) -> Self {
+        let mut live = Live(TcpStream::connect(addr).await.unwrap());
+        assert!(live.echo("hello").await, "the connection did not come up");
+        live
+    }
+
+    /// True when the message comes back; false when the connection is gone.
+    async fn echo(&mut self, msg: &str) -> bool {
+        if self.0.write_all(msg.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut buf = vec![0u8; msg.len()];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.0.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if buf == msg.as_bytes()
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_metrics_and_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let (in_addr, out_addr) = (free_addr(), free_addr());
+    let server = node(
+        &tmp.path().join("in"),
+        &ca,
+        API,
+        &inbound(
+            "api",
+            in_addr,
+            target.addr,
+            &format!("{WEB:?}"),
+            "access_log = true",
+        ),
+    )
+    .await;
+    let client = node(
+        &tmp.path().join("out"),
+        &ca,
+        WEB,
+        &outbound("api", out_addr, in_addr),
+    )
+    .await;
+
+    assert_eq!(get(server.admin, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(get(server.admin, "/readyz").await.0, 200);
+    assert_eq!(get(server.admin, "/nope").await.0, 404);
+
+    let before = get(server.admin, "/metrics").await.1;
+    for name in [
+        "spiffe_tunnel_connections_total",
+        "spiffe_tunnel_connections_active",
+        "spiffe_tunnel_bytes_total",
+        "spiffe_tunnel_handshake_duration_seconds",
+        "spiffe_tunnel_svid_expiry_timestamp_seconds",
+        "spiffe_tunnel_svid_rotations_total",
+        "spiffe_tunnel_workload_api_up",
+        "spiffe_tunnel_policy_reloads_total",
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {name}"))
+                || before.contains(&format!("# TYPE {}", name.trim_end_matches("_total"))),
+            "{name} missing:\n{before}"
+        );
+    }
+    let ok = "spiffe_tunnel_connections_total{tunnel=\"api\",kind=\"inbound\",result=\"ok\"}";
+    let denied =
+        "spiffe_tunnel_connections_total{tunnel=\"api\",kind=\"inbound\",result=\"denied\"}";
+    let bytes_in =
+        "spiffe_tunnel_bytes_total{tunnel=\"api\",kind=\"inbound\",direction=\"client_to_server\"}";
+
+    let mut live = Live::open(out_addr).await;
+    assert_eq!(roundtrip(out_addr, b"12345").await.unwrap(), b"12345");
+    let intruder = ca.leaf("spiffe://example.org/intruder");
+    assert!(raw_tls_roundtrip(
+        in_addr,
+        raw_client_config(Some((&intruder.chain_pem, &intruder.key_pem))),
+        b"x"
+    )
+    .await
+    .is_err());
+    server
+        .daemon
+        .wait_log("connection refused", 1, Duration::from_secs(5))
+        .await;
+    server
+        .daemon
+        .wait_log("spiffe_tunnel::access", 1, Duration::from_secs(5))
+        .await;
+
+    let after = get(server.admin, "/metrics").await.1;
+    assert!(sample(&after, ok) >= sample(&before, ok) + 2.0, "{after}");
+    assert_eq!(
+        sample(&after, denied),
+        sample(&before, denied) + 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, bytes_in) >= sample(&before, bytes_in) + 5.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "spiffe_tunnel_connections_active{tunnel=\"api\",kind=\"inbound\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    let expiry = sample(
+        &after,
+        &format!("spiffe_tunnel_svid_expiry_timestamp_seconds{{spiffe_id=\"{API}\"}}"),
+    );
+    assert!(expiry > 1.7e9, "{after}");
+
+    let (code, body) = get(server.admin, "/status").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["identity"]["svids"][0]["spiffe_id"], API);
+    assert_eq!(
+        status["identity"]["bundles"][0]["trust_domain"],
+        "example.org"
+    );
+    assert_eq!(status["identity"]["bundles"][0]["ca_count"], 1);
+    let tunnel = &status["tunnels"][0];
+    assert_eq!(tunnel["kind"], "inbound");
+    assert_eq!(tunnel["listen"], in_addr.to_string());
+    assert_eq!(tunnel["target"], target.addr.to_string());
+    assert_eq!(tunnel["active_connections"], 1);
+    assert_eq!(tunnel["peers"][0]["peer_id"], WEB);
+    assert!(tunnel["last_refusal"]
+        .as_str()
+        .unwrap()
+        .contains("intruder"));
+
+    // The status command renders the same document for a person.
+    let out = Command::new(binary())
+        .args(["status", "-c", server.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("READY") && text.contains(API) && text.contains(&format!("{WEB} from")),
+        "{text}"
+    );
+
+    assert!(live.echo("still").await);
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reload_revokes_live_connections_and_a_bad_reload_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let (in_addr, out_addr) = (free_addr(), free_addr());
+    let dir = tmp.path().join("in");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("api.policy"), format!("{WEB}\n")).unwrap();
+    let tunnels = inbound("api", in_addr, target.addr, "", "policy = \"api.policy\"");
+    let server = node(&dir, &ca, API, &tunnels).await;
+    let _client = node(
+        &tmp.path().join("out"),
+        &ca,
+        WEB,
+        &outbound("api", out_addr, in_addr),
+    )
+    .await;
+    let mut live = Live::open(out_addr).await;
+
+    // A malformed policy: refused, counted, and the live connection stays.
+    std::fs::write(
+        dir.join("api.policy"),
+        "spiffe://example.org/web\nnot-an-id\n",
+    )
+    .unwrap();
+    server.daemon.signal("HUP");
+    server
+        .daemon
+        .wait_log("reload refused", 1, Duration::from_secs(10))
+        .await;
+    let metrics = get(server.admin, "/metrics").await.1;
+    assert_eq!(
+        sample(
+            &metrics,
+            "spiffe_tunnel_policy_reloads_total{result=\"error\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(server.admin, "/status").await.1).unwrap();
+    assert_eq!(status["last_reload"]["result"], "error");
+    assert!(
+        status["last_reload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("api.policy:2"),
+        "{status}"
+    );
+    assert!(live.echo("after bad reload").await);
+    assert_eq!(roundtrip(out_addr, b"new").await.unwrap(), b"new");
+
+    // A policy that no longer allows web: the live connection is closed
+    // within a second, and counted.
+    std::fs::write(
+        dir.join("api.policy"),
+        "spiffe://example.org/someone-else\n",
+    )
+    .unwrap();
+    server.daemon.signal("HUP");
+    server
+        .daemon
+        .wait_log("live connection revoked", 1, Duration::from_secs(5))
+        .await;
+    let mut closed = false;
+    for _ in 0..20 {
+        if !live.echo("x").await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the revoked connection still carries data");
+    let metrics = get(server.admin, "/metrics").await.1;
+    assert_eq!(
+        sample(
+            &metrics,
+            "spiffe_tunnel_connections_revoked_total{tunnel=\"api\",kind=\"inbound\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "spiffe_tunnel_policy_reloads_total{result=\"ok\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    let accepts = target.accepts();
+    let denied = roundtrip(out_addr, b"y").await;
+    assert!(
+        matches!(&denied, Ok(a) if a.is_empty()) || denied.is_err(),
+        "{denied:?}"
+    );
+    assert_eq!(
+        target.accepts(),
+        accepts,
+        "a denied peer reached the target"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_tunnels_without_touching_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let (keep_addr, gone_addr, new_addr) = (free_addr(), free_addr(), free_addr());
+    let keep = inbound("keep", keep_addr, target.addr, &format!("{WEB:?}"), "");
+    let gone = inbound("gone", gone_addr, target.addr, &format!("{WEB:?}"), "");
+    let server = node(&tmp.path().join("in"), &ca, API, &format!("{keep}{gone}")).await;
+    let client_cert = ca.leaf(WEB);
+    let config = || raw_client_config(Some((&client_cert.chain_pem, &client_cert.key_pem)));
+
+    // A long-lived TLS connection on the tunnel that stays.
+    let tcp = TcpStream::connect(keep_addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config());
+    let mut kept = connector
+        .connect(rustls_pki_types::ServerName::try_from("x").unwrap(), tcp)
+        .await
+        .unwrap();
+    kept.write_all(b"one").await.unwrap();
+    let mut buf = [0u8; 3];
+    kept.read_exact(&mut buf).await.unwrap();
+
+    // Reload: "gone" removed, "new" added, "keep" unchanged.
+    let added = inbound("new", new_addr, target.addr, &format!("{WEB:?}"), "");
+    std::fs::write(
+        &server.config,
+        config_text(server.admin, &format!("{keep}{added}")),
+    )
+    .unwrap();
+    server.daemon.signal("HUP");
+    server
+        .daemon
+        .wait_log(
+            "1 tunnel(s) kept, 0 replaced, 1 added, 1 removed",
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+
+    assert_eq!(
+        raw_tls_roundtrip(new_addr, config(), b"new").await.unwrap(),
+        b"new"
+    );
+    wait_until(
+        "the removed tunnel's port to close",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(gone_addr).is_err(),
+    )
+    .await;
+    kept.write_all(b"two").await.unwrap();
+    kept.read_exact(&mut buf).await.unwrap();
+    assert_eq!(
+        &buf, b"two",
+        "the unchanged tunnel's live connection was disturbed"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(server.admin, "/status").await.1).unwrap();
+    let names: Vec<&str> = status["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["keep", "new"]);
+    assert_eq!(status["last_reload"]["result"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_under_load_finishes_live_connections_and_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let (in_addr, out_addr) = (free_addr(), free_addr());
+    let mut server = node(
+        &tmp.path().join("in"),
+        &ca,
+        API,
+        &inbound("api", in_addr, target.addr, &format!("{WEB:?}"), ""),
+    )
+    .await;
+    let _client = node(
+        &tmp.path().join("out"),
+        &ca,
+        WEB,
+        &outbound("api", out_addr, in_addr),
+    )
+    .await;
+
+    // Twenty connections busy moving data when SIGTERM arrives.
+    let mut workers = Vec::new();
+    for i in 0..20 {
+        workers.push(tokio::spawn(async move {
+            let mut live = Live::open(out_addr).await;
+            for round in 0..40 {
+                if !live.echo(&format!("worker {i} round {round:03}")).await {
+                    return Err(format!("worker {i} failed at round {round}"));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Ok(())
+        }));
+    }
+    wait_until("twenty live connections", Duration::from_secs(10), || {
+        server.daemon.log().matches("peer authorized").count() >= 20
+    })
+    .await;
+    server.daemon.signal("TERM");
+    server
+        .daemon
+        .wait_log("draining", 1, Duration::from_secs(5))
+        .await;
+    let (code, body) = get(server.admin, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("draining"), "{body}");
+    // New connections are refused while the old ones finish their work.
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(in_addr).is_err()
+    })
+    .await;
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        server.daemon.wait_exit(Duration::from_secs(10)).await,
+        Some(0)
+    );
+    assert!(server
+        .daemon
+        .log()
+        .contains("drained: every connection finished"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_closes_what_is_left_and_a_second_signal_is_immediate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let (in_addr, out_addr) = (free_addr(), free_addr());
+    let mut server = node(
+        &tmp.path().join("in"),
+        &ca,
+        API,
+        &inbound(
+            "api",
+            in_addr,
+            target.addr,
+            &format!("{WEB:?}"),
+            "drain_timeout = \"1s\"",
+        ),
+    )
+    .await;
+    let _client = node(
+        &tmp.path().join("out"),
+        &ca,
+        WEB,
+        &outbound("api", out_addr, in_addr),
+    )
+    .await;
+    let _idle = Live::open(out_addr).await;
+    server.daemon.signal("TERM");
+    assert_eq!(
+        server.daemon.wait_exit(Duration::from_secs(10)).await,
+        Some(0)
+    );
+    assert!(server.daemon.log().contains("drain timeout passed"));
+
+    // Second signal: out at once, long before a 30 s drain_timeout.
+    let mut server = node(
+        &tmp.path().join("in2"),
+        &ca,
+        API,
+        &inbound(
+            "api",
+            free_addr(),
+            target.addr,
+            &format!("{WEB:?}"),
+            "drain_timeout = \"30s\"",
+        ),
+    )
+    .await;
+    let in_addr2 = {
+        let status: serde_json::Value =
+            serde_json::from_str(&get(server.admin, "/status").await.1).unwrap();
+        status["tunnels"][0]["listen"]
+            .as_str()
+            .unwrap()
+            .parse::<SocketAddr>()
+            .unwrap()
+    };
+    let web = ca.leaf(WEB);
+    let tcp = TcpStream::connect(in_addr2).await.unwrap();
+    let _held =
+        tokio_rustls::TlsConnector::from(raw_client_config(Some((&web.chain_pem, &web.key_pem))))
+            .connect(rustls_pki_types::ServerName::try_from("x").unwrap(), tcp)
+            .await
+            .unwrap();
+    server
+        .daemon
+        .wait_log("peer authorized", 1, Duration::from_secs(5))
+        .await;
+    server.daemon.signal("TERM");
+    server
+        .daemon
+        .wait_log("draining", 1, Duration::from_secs(5))
+        .await;
+    server.daemon.signal("TERM");
+    assert_eq!(
+        server.daemon.wait_exit(Duration::from_secs(5)).await,
+        Some(0)
+    );
+    assert!(server.daemon.log().contains("second signal"));
+}
