@@ -150,6 +150,19 @@ pub fn status(shared: &Shared) -> Value {
                 }
                 TunnelConfig::Outbound(c) => {
                     v["upstreams"] = json!(c.upstreams);
+                    v["endpoints"] = json!(entry
+                        .balancer
+                        .iter()
+                        .flat_map(|b| b.snapshot())
+                        .map(|e| json!({
+                            "upstream": e.upstream,
+                            "addr": e.addr.to_string(),
+                            "healthy": e.healthy,
+                            "active": e.active,
+                            "ejected_for_ms": e.ejected_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                            "consecutive_failures": e.consecutive_failures,
+                        }))
+                        .collect::<Vec<_>>());
                 }
             }
             v["peers"] = json!(connections

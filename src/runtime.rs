@@ -33,6 +33,7 @@ use crate::identity::{BundleSet, IdentityError, IdentityStore};
 use crate::metrics::{Metrics, TunnelKind};
 use crate::notify::Notifier;
 use crate::policy::{Policy, PolicyError};
+use crate::proxy::balance::Balancer;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::outbound::Outbound;
 use crate::proxy::registry::ConnectionRegistry;
@@ -144,6 +145,8 @@ impl TunnelConfig {
 pub struct TunnelEntry {
     pub config: TunnelConfig,
     pub tunnel: Arc<Tunnel>,
+    /// An outbound's upstream balancer, for `/status`.
+    pub balancer: Option<Arc<Balancer>>,
     /// True from the bind until the accept loop ends.
     pub listening: Arc<AtomicBool>,
 }
@@ -582,6 +585,7 @@ async fn start_tunnel(config: TunnelConfig, ctx: &TunnelContext) -> Result<Runni
             source,
         })?;
     let listening = Arc::new(AtomicBool::new(true));
+    let mut balancer = None;
     let (tunnel, accept_task) = match &config {
         TunnelConfig::Inbound(inbound) => {
             let tunnel = Arc::new(
@@ -630,7 +634,21 @@ async fn start_tunnel(config: TunnelConfig, ctx: &TunnelContext) -> Result<Runni
                 min_tls: outbound.settings.min_tls,
             })?;
             info!(tunnel = %outbound.name, listen = %listen, upstreams = ?outbound.upstreams, "outbound tunnel listening");
-            let serving = Arc::new(Outbound::new(Arc::clone(&tunnel), outbound.clone(), tls));
+            let upstreams = Balancer::new(
+                &outbound.name,
+                &outbound.upstreams,
+                &outbound.balance,
+                outbound.settings.connect_timeout,
+            );
+            // Health checks and re-resolution end with the tunnel.
+            upstreams.start(tunnel.stop_accepting.clone());
+            balancer = Some(Arc::clone(&upstreams));
+            let serving = Arc::new(Outbound::new(
+                Arc::clone(&tunnel),
+                outbound.clone(),
+                tls,
+                upstreams,
+            ));
             (
                 tunnel,
                 tokio::spawn(serve_flagged(
@@ -644,6 +662,7 @@ async fn start_tunnel(config: TunnelConfig, ctx: &TunnelContext) -> Result<Runni
         entry: Arc::new(TunnelEntry {
             config,
             tunnel,
+            balancer,
             listening,
         }),
         accept_task,

@@ -554,3 +554,52 @@ async fn drain_timeout_closes_what_is_left_and_a_second_signal_is_immediate() {
     );
     assert!(server.daemon.log().contains("second signal"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_balances_over_live_upstreams_and_retries_past_a_dead_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let (target_a, target_b) = (
+        Target::start(TargetMode::Echo).await,
+        Target::start(TargetMode::Echo).await,
+    );
+    let (a, b, dead, out_addr) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let tunnels = format!(
+        "{}{}",
+        inbound("a", a, target_a.addr, &format!("{WEB:?}"), ""),
+        inbound("b", b, target_b.addr, &format!("{WEB:?}"), "")
+    );
+    let _servers = node(&tmp.path().join("in"), &ca, API, &tunnels).await;
+    let outbound = format!(
+        "[[outbound]]\nname = \"api\"\nlisten = \"{out_addr}\"\nupstreams = [\"{dead}\", \"{a}\", \"{b}\"]\nallow = [\"{API}\"]\nbalance = \"round_robin\"\n"
+    );
+    let client = node(&tmp.path().join("out"), &ca, WEB, &outbound).await;
+
+    // Every request succeeds: the dead upstream costs at most one retry.
+    for i in 0..30 {
+        let msg = format!("request {i}");
+        assert_eq!(
+            roundtrip(out_addr, msg.as_bytes()).await.unwrap(),
+            msg.as_bytes(),
+            "request {i}"
+        );
+    }
+    // Both live upstreams got a fair share.
+    let (got_a, got_b) = (target_a.accepts(), target_b.accepts());
+    assert_eq!(got_a + got_b, 30);
+    assert!(got_a >= 10 && got_b >= 10, "a={got_a} b={got_b}");
+    // The dead one is ejected, and /status says so.
+    let status: serde_json::Value =
+        serde_json::from_str(&get(client.admin, "/status").await.1).unwrap();
+    let endpoints = status["tunnels"][0]["endpoints"].as_array().unwrap();
+    let dead_state = endpoints
+        .iter()
+        .find(|e| e["addr"] == dead.to_string())
+        .unwrap();
+    assert_eq!(dead_state["healthy"], false, "{status}");
+    assert!(
+        client.daemon.log().contains("retry") || client.daemon.log().contains("eject"),
+        "{}",
+        client.daemon.log()
+    );
+}

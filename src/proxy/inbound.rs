@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustls::HandshakeKind;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, field, info_span, Instrument, Span};
 
+use super::proxy_protocol::{cipher_name, tls_version_name, ProxyHeader};
 use super::registry::Registration;
 use super::{classify_handshake_error, Tunnel};
 use crate::config::{InboundConfig, Target};
@@ -129,6 +130,23 @@ impl Inbound {
         };
         Span::current().record("peer_id", field::display(&peer.id));
         debug!(resumed, "peer authorized");
+        let proxy_header = self.config.proxy_protocol.then(|| {
+            let (tcp, session) = tls.get_ref();
+            let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+            ProxyHeader {
+                source: tcp.peer_addr().unwrap_or(unknown),
+                destination: tcp.local_addr().unwrap_or(unknown),
+                tls_version: session
+                    .protocol_version()
+                    .and_then(tls_version_name)
+                    .unwrap_or("TLSv1.3"),
+                cipher: session
+                    .negotiated_cipher_suite()
+                    .and_then(|s| cipher_name(s.suite())),
+                spiffe_id: &peer.id.to_string(),
+            }
+            .encode()
+        });
 
         // Authorized: now, and only now, the target hears of this peer.
         match &self.config.target {
@@ -141,7 +159,8 @@ impl Inbound {
                 {
                     Ok(Ok(target)) => {
                         let _ = target.set_nodelay(true);
-                        self.forward(&mut tls, target, &peer, close).await;
+                        self.forward(&mut tls, target, proxy_header.as_deref(), &peer, close)
+                            .await;
                     }
                     Ok(Err(e)) => t.refuse(
                         ConnResult::upstream_error,
@@ -157,7 +176,10 @@ impl Inbound {
                 match tokio::time::timeout(t.settings.connect_timeout, UnixStream::connect(path))
                     .await
                 {
-                    Ok(Ok(target)) => self.forward(&mut tls, target, &peer, close).await,
+                    Ok(Ok(target)) => {
+                        self.forward(&mut tls, target, proxy_header.as_deref(), &peer, close)
+                            .await
+                    }
                     Ok(Err(e)) => t.refuse(
                         ConnResult::upstream_error,
                         &format_args!("target unix:{}: {e}", path.display()),
@@ -171,16 +193,28 @@ impl Inbound {
         }
     }
 
+    /// Sends the PROXY v2 header (if any) ahead of the client's bytes,
+    /// then carries the connection.
     async fn forward<C, S>(
         &self,
         client: &mut C,
         mut target: S,
+        proxy_header: Option<&[u8]>,
         peer: &VerifiedPeer,
         close: &CancellationToken,
     ) where
         C: AsyncRead + AsyncWrite + Unpin,
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        if let Some(header) = proxy_header {
+            if let Err(e) = target.write_all(header).await {
+                self.tunnel.refuse(
+                    ConnResult::upstream_error,
+                    &format_args!("target closed before the PROXY header was written: {e}"),
+                );
+                return;
+            }
+        }
         self.tunnel.carry(client, &mut target, peer, close).await;
     }
 }

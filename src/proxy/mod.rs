@@ -6,9 +6,11 @@
 //! the connection to the plain side and the copy. [`Tunnel`] holds what the
 //! two directions share; [`inbound`] and [`outbound`] hold what differs.
 
+pub mod balance;
 pub mod copy;
 pub mod inbound;
 pub mod outbound;
+pub mod proxy_protocol;
 pub mod registry;
 
 use std::io;

@@ -5,7 +5,6 @@
 //! local client's bytes are not read until the server is authorized.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, field, info_span, warn, Instrument, Span};
 
+use super::balance::Balancer;
 use super::copy::CopyEnd;
 use super::registry::Registration;
 use super::{classify_handshake_error, rustls_error, Tunnel};
@@ -29,8 +29,8 @@ pub struct Outbound {
     pub tunnel: Arc<Tunnel>,
     pub config: OutboundConfig,
     connector: TlsConnector,
-    /// Where the next connection starts trying upstreams (round robin).
-    next_upstream: AtomicUsize,
+    /// Picks and health-checks the upstreams.
+    pub balancer: Arc<Balancer>,
 }
 
 impl Outbound {
@@ -38,12 +38,13 @@ impl Outbound {
         tunnel: Arc<Tunnel>,
         config: OutboundConfig,
         tls: Arc<rustls::ClientConfig>,
+        balancer: Arc<Balancer>,
     ) -> Self {
         Self {
             tunnel,
             config,
             connector: TlsConnector::from(tls),
-            next_upstream: AtomicUsize::new(0),
+            balancer,
         }
     }
 
@@ -77,32 +78,6 @@ impl Outbound {
             .await;
     }
 
-    /// Connects to the first upstream that answers, starting at the next one
-    /// in round-robin order and trying each at most once.
-    async fn dial(&self) -> Result<(TcpStream, &str), String> {
-        let t = &self.tunnel;
-        let upstreams = &self.config.upstreams;
-        let first = self.next_upstream.fetch_add(1, Ordering::Relaxed);
-        let mut failures = Vec::new();
-        for i in 0..upstreams.len() {
-            let upstream = &upstreams[(first + i) % upstreams.len()];
-            match tokio::time::timeout(
-                t.settings.connect_timeout,
-                TcpStream::connect(upstream.as_str()),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok((stream, upstream));
-                }
-                Ok(Err(e)) => failures.push(format!("{upstream}: {e}")),
-                Err(_) => failures.push(format!("{upstream}: connect timed out")),
-            }
-        }
-        Err(failures.join("; "))
-    }
-
     async fn connection(
         &self,
         mut client: TcpStream,
@@ -115,24 +90,23 @@ impl Outbound {
             t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
             return;
         }
-        let (upstream_tcp, upstream) = match self.dial().await {
+        // The balancer retries once on another upstream before giving up.
+        let (upstream_tcp, chosen) = match self.balancer.connect().await {
             Ok(found) => found,
             Err(reason) => {
-                t.refuse(
-                    ConnResult::upstream_error,
-                    &format_args!("no upstream reachable: {reason}"),
-                );
+                t.refuse(ConnResult::upstream_error, &reason);
                 return;
             }
         };
-        Span::current().record("upstream", upstream);
+        let upstream = chosen.name().to_string();
+        Span::current().record("upstream", field::display(chosen.addr()));
 
         // Identity changes after this point are re-checked in `admit`.
         let generation = t.store.generation();
         let started = Instant::now();
         let handshake = tokio::time::timeout(
             t.settings.handshake_timeout,
-            self.connector.connect(server_name(upstream), upstream_tcp),
+            self.connector.connect(server_name(&upstream), upstream_tcp),
         )
         .await;
         t.metrics
@@ -141,6 +115,14 @@ impl Outbound {
         let mut tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
+                // A handshake the upstream cut off is the upstream's fault:
+                // let the balancer steer around it for a while.
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) {
+                    chosen.report_failure();
+                }
                 let (result, reason) = classify_handshake_error(&e);
                 t.refuse(result, &format_args!("upstream {upstream}: {reason}"));
                 return;

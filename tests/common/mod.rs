@@ -3,3 +3,4 @@
 pub mod certs;
 pub mod fake_api;
 pub mod harness;
+pub mod pp2;
