@@ -88,6 +88,14 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     DevAgent(DevAgentArgs),
 
+    /// Write SVIDs, keys and bundles to files for HAProxy, nginx, stunnel and friends.
+    ///
+    /// `svid fetch` writes once and exits; `svid watch` keeps the files
+    /// current across every rotation and can push new certificates into a
+    /// running HAProxy through its runtime API.
+    #[command(subcommand)]
+    Svid(SvidCommand),
+
     /// Show what a running spiffe-tunnel is doing, from its admin endpoint.
     ///
     /// Reads /status from the admin endpoint (the [admin] listen address of
@@ -110,6 +118,91 @@ pub enum Command {
     ///
     /// Example: spiffe-tunnel demo
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SvidCommand {
+    /// Fetch the SVIDs once from the Workload API and write them to DIR.
+    ///
+    /// Files use SPIRE's names: svid.0.pem (chain, leaf first), svid.0.key
+    /// (PKCS#8, mode 0600), bundle.0.pem, svid.N.* for more SVIDs and
+    /// federated_bundle.<td>.pem per federated trust domain. Every name is
+    /// a symlink into DIR/..data, swapped atomically as a whole.
+    ///
+    /// Example: spiffe-tunnel svid fetch --write /etc/haproxy/svid
+    Fetch(SvidFetchArgs),
+
+    /// Keep DIR current: rewrite the files on every rotation, then run a
+    /// command, signal a process, or push into HAProxy.
+    ///
+    /// Reconnects to the Workload API with backoff, like the tunnel; the
+    /// files on disk stay as they are while it is unavailable.
+    ///
+    /// Example (HAProxy without reloads):
+    ///   spiffe-tunnel svid watch --write /etc/haproxy/svid \
+    ///     --haproxy-socket /run/haproxy/admin.sock \
+    ///     --haproxy-cert /etc/haproxy/svid.pem --haproxy-ca-file /etc/haproxy/bundle.pem
+    #[command(verbatim_doc_comment)]
+    Watch(SvidWatchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SvidFetchArgs {
+    /// The folder to write into (created if missing).
+    #[arg(long = "write", value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Workload API address (default: SPIFFE_ENDPOINT_SOCKET, then
+    /// unix:///tmp/spire-agent/public/api.sock).
+    #[arg(long, value_name = "ADDR")]
+    pub socket: Option<String>,
+
+    /// Write only this SVID (as svid.0.*).
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub id: Option<String>,
+
+    /// Also write FILE as chain plus key, the form of an HAProxy `crt` line.
+    #[arg(long, value_name = "FILE")]
+    pub haproxy_cert: Option<PathBuf>,
+
+    /// Also write FILE with every trust bundle, for an HAProxy `ca-file`.
+    #[arg(long, value_name = "FILE")]
+    pub haproxy_ca_file: Option<PathBuf>,
+
+    /// Give up after this long without an answer.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct SvidWatchArgs {
+    #[command(flatten)]
+    pub fetch: SvidFetchArgs,
+
+    /// A shell command to run after each update (its exit status is logged;
+    /// $SVID_DIR is the folder).
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+
+    /// A signal (HUP, USR1, ...) to send after each update to the process
+    /// whose pid is in --pid-file.
+    #[arg(long, value_name = "SIG", requires = "pid_file")]
+    pub signal: Option<String>,
+
+    /// The pid file of the process to signal.
+    #[arg(long, value_name = "FILE", requires = "signal")]
+    pub pid_file: Option<PathBuf>,
+
+    /// HAProxy's stats socket (`stats socket PATH level admin`): each new
+    /// SVID is pushed with `set ssl cert` / `commit ssl cert`, and each new
+    /// bundle with `set ssl ca-file` / `commit ssl ca-file`, so HAProxy
+    /// presents it without a reload.
+    #[arg(long, value_name = "PATH", requires = "haproxy_cert")]
+    pub haproxy_socket: Option<PathBuf>,
+
+    /// Stop after the first update, like `svid fetch`.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod helper;
 pub mod identity;
 pub mod metrics;
 pub mod notify;

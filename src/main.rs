@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         Command::Run(args) => block_on(run(args)),
         Command::DevAgent(args) => block_on(dev_agent(args)),
         Command::Demo(args) => block_on(demo(args)),
+        Command::Svid(command) => block_on(svid(command)),
         Command::Status(args) => {
             commands::status(args.config.as_deref(), args.admin.as_deref(), args.json)
         }
@@ -69,6 +70,57 @@ async fn dev_agent(args: spiffe_tunnel::cli::DevAgentArgs) -> u8 {
         Ok(()) => commands::EXIT_OK,
         Err(e) => {
             tracing::error!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn svid(command: spiffe_tunnel::cli::SvidCommand) -> u8 {
+    use spiffe_tunnel::cli::SvidCommand;
+    use spiffe_tunnel::helper::{self, haproxy::HaproxyTarget, HelperOptions};
+    let (fetch, watch) = match command {
+        SvidCommand::Fetch(fetch) => (fetch, None),
+        SvidCommand::Watch(watch) => (watch.fetch.clone(), Some(watch)),
+    };
+    let id = match fetch
+        .id
+        .as_deref()
+        .map(spiffe_tunnel::spiffe_id::parse_workload_id)
+    {
+        Some(Err(e)) => {
+            eprintln!("--id: {e}");
+            return commands::EXIT_USAGE;
+        }
+        Some(Ok(id)) => Some(id),
+        None => None,
+    };
+    let haproxy = fetch.haproxy_cert.clone().map(|cert| HaproxyTarget {
+        socket: watch.as_ref().and_then(|w| w.haproxy_socket.clone()),
+        cert,
+        ca_file: fetch.haproxy_ca_file.clone(),
+    });
+    let once = watch.as_ref().is_none_or(|w| w.once);
+    let options = HelperOptions {
+        dir: fetch.dir,
+        socket: fetch.socket,
+        id,
+        exec: watch.as_ref().and_then(|w| w.exec.clone()),
+        signal: watch
+            .as_ref()
+            .and_then(|w| w.signal.clone().zip(w.pid_file.clone())),
+        haproxy,
+        once,
+        timeout: fetch.timeout,
+    };
+    let result = if once {
+        helper::fetch(options).await
+    } else {
+        helper::run(options).await
+    };
+    match result {
+        Ok(()) => commands::EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e}");
             e.exit_code()
         }
     }

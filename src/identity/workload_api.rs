@@ -476,8 +476,12 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(source) = next {
-        out.push_str(": ");
-        out.push_str(&source.to_string());
+        // Some errors already print their source; say each thing once.
+        let text = source.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         next = source.source();
     }
     out

@@ -1,0 +1,140 @@
+//! Pushing new certificates into a running HAProxy through its runtime API
+//! (the stats socket), so it presents each new SVID without a reload.
+//!
+//! A certificate update is a transaction: `set ssl cert FILE <<` with the
+//! new PEM (chain and key), then `commit ssl cert FILE`; a CA file the same
+//! with `set/commit ssl ca-file`. FILE must be the path HAProxy loaded at
+//! start (a `crt` on a `bind` or `server` line, or a `ca-file`): HAProxy
+//! knows certificates by that name. On any refusal the transaction is
+//! aborted so the next attempt starts clean. Each command uses its own
+//! connection, the socket's non-interactive mode.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Where and what to update in HAProxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaproxyTarget {
+    /// The stats socket (`stats socket PATH level admin`); without one the
+    /// files are written but nothing is pushed.
+    pub socket: Option<PathBuf>,
+    /// The `crt` file, as named in HAProxy's config: chain plus key.
+    pub cert: PathBuf,
+    /// The `ca-file`, as named in HAProxy's config: the trust bundle.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Why an update did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum HaproxyError {
+    #[error("HAProxy runtime API at {socket} is not reachable ({source}); is HAProxy running with `stats socket {socket} level admin`?")]
+    Unreachable {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HAProxy does not know {kind} {file:?}: it must appear in its config exactly so (as `crt {file}` or `ca-file {file}`); HAProxy said: {answer}")]
+    Unknown {
+        kind: &'static str,
+        file: String,
+        answer: String,
+    },
+    #[error("HAProxy refused `{command}` (transaction aborted): {answer}")]
+    Refused { command: String, answer: String },
+}
+
+impl HaproxyError {
+    /// Worth retrying later (HAProxy may be starting or restarting).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, HaproxyError::Unreachable { .. })
+    }
+}
+
+/// Sends one command and returns HAProxy's whole answer.
+async fn command(socket: &Path, text: &str) -> Result<String, HaproxyError> {
+    let unreachable = |source| HaproxyError::Unreachable {
+        socket: socket.display().to_string(),
+        source,
+    };
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await?;
+        stream.write_all(text.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(Ok(answer)) => Ok(answer.trim().to_string()),
+        Ok(Err(e)) => Err(unreachable(e)),
+        Err(_) => Err(unreachable(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer within 10 s",
+        ))),
+    }
+}
+
+/// Replaces the certificate HAProxy loaded from `file` with `pem` (chain
+/// and key) on every `bind` and `server` line that uses it.
+pub async fn update_cert(socket: &Path, file: &Path, pem: &str) -> Result<(), HaproxyError> {
+    transaction(socket, "cert", "certificate", file, pem).await
+}
+
+/// Replaces the CA file HAProxy loaded from `file` with `pem`.
+pub async fn update_ca_file(socket: &Path, file: &Path, pem: &str) -> Result<(), HaproxyError> {
+    transaction(socket, "ca-file", "CA file", file, pem).await
+}
+
+async fn transaction(
+    socket: &Path,
+    object: &'static str,
+    kind: &'static str,
+    file: &Path,
+    pem: &str,
+) -> Result<(), HaproxyError> {
+    let name = file.display().to_string();
+    // The payload ends at the first empty line, so the PEM must hold none.
+    let payload: String = pem
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let set = format!("set ssl {object} {name} <<\n{payload}\n");
+    let answer = command(socket, &set).await?;
+    if !answer.contains("Transaction created") && !answer.contains("Transaction updated") {
+        abort(socket, object, &name).await;
+        let lower = answer.to_lowercase();
+        if lower.contains("not referenced")
+            || lower.contains("unknown")
+            || lower.contains("unable to find")
+            || lower.contains("doesn't exist")
+        {
+            return Err(HaproxyError::Unknown {
+                kind,
+                file: name,
+                answer,
+            });
+        }
+        return Err(HaproxyError::Refused {
+            command: format!("set ssl {object} {name}"),
+            answer,
+        });
+    }
+    let commit = format!("commit ssl {object} {name}\n");
+    let answer = command(socket, &commit).await?;
+    if !answer.contains("Success") {
+        abort(socket, object, &name).await;
+        return Err(HaproxyError::Refused {
+            command: commit.trim().to_string(),
+            answer,
+        });
+    }
+    Ok(())
+}
+
+async fn abort(socket: &Path, object: &str, name: &str) {
+    let _ = command(socket, &format!("abort ssl {object} {name}\n")).await;
+}
