@@ -696,6 +696,7 @@ async fn start_identity_source(
             let task = tokio::spawn(files.clone().watch(
                 Arc::clone(store),
                 provider,
+                Arc::clone(metrics),
                 FILE_POLL_INTERVAL,
             ));
             Ok((

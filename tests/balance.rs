@@ -160,7 +160,13 @@ async fn ejected_endpoint_is_skipped_during_backoff_and_returns_after_it() {
         held.push(b.connect().await.unwrap());
     }
     a.wait_for(2).await;
-    // A successful connect ends the failure streak.
+    // A TCP connect alone does not end a streak of handshake failures (the
+    // endpoint may accept TCP and still drop every handshake); a completed
+    // handshake does.
+    assert_eq!(status(&b, a.addr).consecutive_failures, 1);
+    for (_, upstream) in &held {
+        upstream.report_success();
+    }
     assert_eq!(status(&b, a.addr).consecutive_failures, 0);
 }
 

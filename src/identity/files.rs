@@ -71,10 +71,13 @@ impl FileIdentity {
         self,
         store: Arc<IdentityStore>,
         provider: Arc<CryptoProvider>,
+        metrics: Arc<crate::metrics::Metrics>,
         interval: Duration,
     ) {
         let mut seen = self.fingerprint();
-        let mut last_error: Option<String> = None;
+        // The file state last refused, so a broken set that stays broken
+        // is retried every tick but logged and counted once.
+        let mut refused: Option<Vec<Option<(SystemTime, u64, u64)>>> = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -89,11 +92,23 @@ impl FileIdentity {
             match self.load(&provider) {
                 Ok(identity) => {
                     seen = now;
-                    last_error = None;
+                    let was_refused = refused.take().is_some();
+                    // Files touched or rewritten with the same content are
+                    // not a rotation.
+                    if store
+                        .load()
+                        .is_some_and(|current| current.same_as(&identity))
+                    {
+                        if was_refused {
+                            info!("identity files are valid again; the identity is unchanged");
+                        }
+                        continue;
+                    }
                     let svid = identity
                         .default_svid()
                         .map(|s| (s.id.to_string(), s.serial.clone()));
                     store.publish(identity);
+                    metrics.identity_update(true);
                     if let Some((id, serial)) = svid {
                         info!(spiffe_id = %id, serial = %serial, "identity files reloaded");
                     }
@@ -101,10 +116,10 @@ impl FileIdentity {
                 Err(e) => {
                     // Keep `seen` unchanged so the next tick retries: a
                     // rotator may still be writing the second file.
-                    let message = e.to_string();
-                    if last_error.as_deref() != Some(&message) {
-                        warn!(error = %message, "identity files changed but are not valid; keeping the current identity");
-                        last_error = Some(message);
+                    if refused.as_ref() != Some(&now) {
+                        warn!(error = %e, "identity files changed but are not valid; keeping the current identity");
+                        metrics.identity_update(false);
+                        refused = Some(now);
                     }
                 }
             }

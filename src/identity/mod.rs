@@ -305,6 +305,18 @@ impl Identity {
         }
     }
 
+    /// True when both hold the same SVIDs (by ID and serial) and trust the
+    /// same CAs: publishing `other` would change nothing.
+    pub fn same_as(&self, other: &Identity) -> bool {
+        self.svids.len() == other.svids.len()
+            && self
+                .svids
+                .iter()
+                .zip(&other.svids)
+                .all(|(a, b)| a.id == b.id && a.serial == b.serial)
+            && self.bundles.same_trust(&other.bundles)
+    }
+
     /// The earliest expiry among our SVIDs.
     pub fn earliest_expiry(&self) -> Option<SystemTime> {
         self.svids.iter().map(|s| s.not_after).min()

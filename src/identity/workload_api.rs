@@ -397,8 +397,15 @@ impl WorkloadApiSource {
                     bundles = identity.bundles.len(),
                     "Workload API update"
                 );
-                self.store.publish(identity);
-                self.metrics.identity_update(true);
+                // A reconnect re-sends what we hold: not a rotation.
+                if !self
+                    .store
+                    .load()
+                    .is_some_and(|current| current.same_as(&identity))
+                {
+                    self.store.publish(identity);
+                    self.metrics.identity_update(true);
+                }
                 self.health.send_modify(|h| {
                     h.connected = true;
                     h.last_error = None;

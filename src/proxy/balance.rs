@@ -125,6 +125,11 @@ struct Endpoint {
     /// When the ejection ends, in nanoseconds since [`epoch`]; 0 when the
     /// endpoint was never ejected or has recovered.
     ejected_until: AtomicU64,
+    /// Set when the last failure was a TLS handshake cut off by the
+    /// endpoint (it accepts TCP but does not serve, e.g. its SVID expired):
+    /// then a TCP health check proves nothing, and only a completed
+    /// handshake ends the ejection.
+    handshake_failed: AtomicBool,
     /// Taken only to change health, so each transition is decided, and
     /// logged, exactly once even when failures race.
     transition: Mutex<()>,
@@ -245,7 +250,13 @@ impl Balancer {
                 Ok(stream) => {
                     // Handshakes and small requests must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
-                    guard.endpoint.mark_success();
+                    // Healthy again only once the caller's TLS handshake
+                    // completes (`Upstream::report_success`): an endpoint
+                    // that accepts TCP and then drops every handshake must
+                    // stay ejected.
+                    if !guard.endpoint.handshake_failed.load(Ordering::Relaxed) {
+                        guard.endpoint.mark_success();
+                    }
                     return Ok((stream, guard));
                 }
                 Err(e) => {
@@ -531,6 +542,9 @@ async fn health_loop(
             let endpoint = Arc::clone(endpoint);
             probes.spawn(async move {
                 match dial(endpoint.addr, probe_timeout).await {
+                    // A TCP connect cannot vouch for an endpoint that
+                    // failed TLS handshakes; only a real handshake can.
+                    Ok(_) if endpoint.handshake_failed.load(Ordering::Relaxed) => {}
                     Ok(_) => endpoint.mark_success(),
                     Err(e) if e.is_upstreams_fault() => {
                         // A check is a deliberate attempt, so it extends an
@@ -565,6 +579,7 @@ impl Endpoint {
             active: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            handshake_failed: AtomicBool::new(false),
             transition: Mutex::new(()),
         }
     }
@@ -635,7 +650,22 @@ impl Upstream {
     pub fn report_failure(&self) {
         if !self.reported.swap(true, Ordering::Relaxed) {
             self.endpoint
+                .handshake_failed
+                .store(true, Ordering::Relaxed);
+            self.endpoint
                 .mark_failure("failed during the TLS handshake", false);
+        }
+    }
+
+    /// Records a completed TLS handshake: the endpoint serves, whatever
+    /// failed before.
+    pub fn report_success(&self) {
+        if self
+            .endpoint
+            .handshake_failed
+            .swap(false, Ordering::Relaxed)
+        {
+            self.endpoint.mark_success();
         }
     }
 }

@@ -81,11 +81,32 @@ impl Inbound {
             return;
         }
 
+        // A connection closed before its first byte is a TCP health check
+        // or a port probe, not a failed handshake: let it go quietly
+        // rather than log and count it as a refusal.
+        let deadline = tokio::time::Instant::now() + t.settings.handshake_timeout;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                debug!("closed before sending anything (a TCP health check?)");
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                t.refuse(
+                    ConnResult::handshake_error,
+                    &format_args!(
+                        "handshake timed out after {:?} (the client sent nothing)",
+                        t.settings.handshake_timeout
+                    ),
+                );
+                return;
+            }
+        }
         // Identity changes after this point are re-checked in `admit`.
         let generation = t.store.generation();
         let started = Instant::now();
-        let handshake =
-            tokio::time::timeout(t.settings.handshake_timeout, self.acceptor.accept(tcp)).await;
+        let handshake = tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await;
         t.metrics
             .handshake_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -90,54 +90,67 @@ impl Outbound {
             t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
             return;
         }
-        // The balancer retries once on another upstream before giving up.
-        let (upstream_tcp, chosen) = match self.balancer.connect().await {
-            Ok(found) => found,
-            Err(reason) => {
-                t.refuse(ConnResult::upstream_error, &reason);
-                return;
-            }
-        };
-        let upstream = chosen.name().to_string();
-        Span::current().record("upstream", field::display(chosen.addr()));
-
         // Identity changes after this point are re-checked in `admit`.
         let generation = t.store.generation();
-        let started = Instant::now();
-        let handshake = tokio::time::timeout(
-            t.settings.handshake_timeout,
-            self.connector.connect(server_name(&upstream), upstream_tcp),
-        )
-        .await;
-        t.metrics
-            .handshake_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let mut tls = match handshake {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                // A handshake the upstream cut off is the upstream's fault:
-                // let the balancer steer around it for a while.
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                ) {
-                    chosen.report_failure();
+        // The balancer retries a failed connect once on another upstream;
+        // a handshake the upstream cuts off (it accepts TCP but cannot
+        // serve, e.g. its own SVID expired) gets one more try elsewhere
+        // too. Both are safe: nothing was read from the client yet.
+        let mut attempts_left = 2;
+        let (mut tls, chosen, upstream) = loop {
+            attempts_left -= 1;
+            let (upstream_tcp, chosen) = match self.balancer.connect().await {
+                Ok(found) => found,
+                Err(reason) => {
+                    t.refuse(ConnResult::upstream_error, &reason);
+                    return;
                 }
-                let (result, reason) = classify_handshake_error(&e);
-                t.refuse(result, &format_args!("upstream {upstream}: {reason}"));
-                return;
-            }
-            Err(_) => {
-                t.refuse(
-                    ConnResult::handshake_error,
-                    &format_args!(
-                        "upstream {upstream}: handshake timed out after {:?}",
-                        t.settings.handshake_timeout
-                    ),
-                );
-                return;
+            };
+            let upstream = chosen.name().to_string();
+            Span::current().record("upstream", field::display(chosen.addr()));
+            let started = Instant::now();
+            let handshake = tokio::time::timeout(
+                t.settings.handshake_timeout,
+                self.connector.connect(server_name(&upstream), upstream_tcp),
+            )
+            .await;
+            t.metrics
+                .handshake_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match handshake {
+                Ok(Ok(tls)) => {
+                    chosen.report_success();
+                    break (tls, chosen, upstream);
+                }
+                Ok(Err(e)) => {
+                    let cut_off = matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    );
+                    if cut_off {
+                        chosen.report_failure();
+                        if attempts_left > 0 {
+                            debug!(upstream = %upstream, error = %e, "upstream cut the handshake off; trying another");
+                            continue;
+                        }
+                    }
+                    let (result, reason) = classify_handshake_error(&e);
+                    t.refuse(result, &format_args!("upstream {upstream}: {reason}"));
+                    return;
+                }
+                Err(_) => {
+                    t.refuse(
+                        ConnResult::handshake_error,
+                        &format_args!(
+                            "upstream {upstream}: handshake timed out after {:?}",
+                            t.settings.handshake_timeout
+                        ),
+                    );
+                    return;
+                }
             }
         };
+        let _in_use = &chosen;
 
         let (_, session) = tls.get_ref();
         let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);

@@ -2,5 +2,9 @@
 
 pub mod certs;
 pub mod fake_api;
+pub mod haproxy;
 pub mod harness;
+pub mod netns;
 pub mod pp2;
+pub mod probe;
+pub mod targets;

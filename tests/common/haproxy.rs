@@ -1,0 +1,207 @@
+#![allow(dead_code)]
+//! A real HAProxy for interop tests: started in the foreground (`-db`) from
+//! a config written into a temporary folder, driven through its stats
+//! socket (the runtime API `svid watch` pushes into), killed when dropped.
+//!
+//! HAProxy is required, not optional: without it the test fails and says
+//! how to install it (`scripts/test` installs the Debian package).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The haproxy binary: `$HAPROXY`, then `PATH`, then Debian's `/usr/sbin`
+/// (not on a non-root user's PATH). Fails the test when there is none.
+pub fn binary() -> PathBuf {
+    if let Some(explicit) = std::env::var_os("HAPROXY") {
+        let explicit = PathBuf::from(explicit);
+        assert!(
+            explicit.is_file(),
+            "$HAPROXY is {}, which is not a file",
+            explicit.display()
+        );
+        return explicit;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join("haproxy"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "haproxy not found on PATH (nor in /usr/sbin): the HAProxy interop tests need a \
+                 real one. Install it (`apt-get install haproxy`; scripts/test does) or point \
+                 $HAPROXY at the binary."
+            )
+        })
+}
+
+/// The example config `examples/haproxy/<name>` with each `(from, to)`
+/// replaced, so tests run the very configs the README shows. Every `from`
+/// must occur in the file: an example edited out of shape fails loudly
+/// instead of silently testing something else.
+pub fn example_config(name: &str, replacements: &[(&str, &str)]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/haproxy")
+        .join(name);
+    let mut text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    for (from, to) in replacements {
+        assert!(
+            text.contains(from),
+            "{} no longer contains {from:?}; update the test with the example",
+            path.display()
+        );
+        text = text.replace(from, to);
+    }
+    text
+}
+
+/// A running HAProxy; killed when dropped.
+pub struct HaProxy {
+    child: Child,
+    /// The stats socket (`stats socket ... level admin`).
+    pub admin: PathBuf,
+    log: PathBuf,
+}
+
+impl HaProxy {
+    /// Writes `config` to `dir/<name>.cfg` and starts HAProxy on it in the
+    /// foreground; returns once its runtime API answers (listeners are
+    /// bound before HAProxy starts serving the CLI). `admin` is the stats
+    /// socket the config declares.
+    pub fn start(dir: &Path, name: &str, config: &str, admin: &Path) -> Self {
+        let cfg = dir.join(format!("{name}.cfg"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let bin = binary();
+        let child = Command::new(&bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut haproxy = HaProxy {
+            child,
+            admin: admin.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = haproxy.child.try_wait() {
+                panic!(
+                    "HAProxy exited at start ({status}); config:\n{config}\noutput:\n{}",
+                    haproxy.log()
+                );
+            }
+            if haproxy
+                .try_cli("show info")
+                .is_ok_and(|a| a.contains("Pid:"))
+            {
+                return haproxy;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy's runtime API at {} did not answer within 10 s; output:\n{}",
+                admin.display(),
+                haproxy.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn try_cli(&self, command: &str) -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(&self.admin)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(command.as_bytes())?;
+        stream.write_all(b"\n")?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    }
+
+    /// One runtime API command and its whole answer.
+    pub fn cli(&self, command: &str) -> String {
+        self.try_cli(command)
+            .unwrap_or_else(|e| panic!("HAProxy runtime API `{command}`: {e}"))
+    }
+
+    /// The pid HAProxy reports about itself (`show info`).
+    pub fn reported_pid(&self) -> u32 {
+        let info = self.cli("show info");
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid: "))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no Pid in `show info`:\n{info}"))
+    }
+
+    /// The serial of the certificate HAProxy holds for `file` (`show ssl
+    /// cert FILE`), lower-case hex without leading zeros; `None` while
+    /// HAProxy's certificate store is locked by a commit in progress.
+    pub fn cert_serial(&self, file: &Path) -> Option<String> {
+        let answer = self.cli(&format!("show ssl cert {}", file.display()));
+        if answer.contains("currently locked") {
+            return None;
+        }
+        let serial = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Serial: "))
+            .map(|s| s.trim().trim_start_matches('0').to_lowercase())
+            .unwrap_or_else(|| panic!("no Serial in `show ssl cert`:\n{answer}"));
+        Some(serial)
+    }
+
+    /// The serials of the CA certificates HAProxy has committed for the
+    /// `ca-file` `file` (`show ssl ca-file FILE`); `None` while locked.
+    pub fn ca_file_serials(&self, file: &Path) -> Option<BTreeSet<String>> {
+        let answer = self.cli(&format!("show ssl ca-file {}", file.display()));
+        if answer.contains("currently locked") {
+            return None;
+        }
+        let serials: BTreeSet<String> = answer
+            .lines()
+            .filter_map(|l| l.strip_prefix("Serial: "))
+            .map(|s| s.trim().trim_start_matches('0').to_lowercase())
+            .collect();
+        assert!(
+            !serials.is_empty(),
+            "no Serial in `show ssl ca-file`:\n{answer}"
+        );
+        Some(serials)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process still runs (it was neither restarted nor died).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- HAProxy log {} ----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
