@@ -44,13 +44,30 @@ pub enum HaproxyError {
     },
     #[error("HAProxy refused `{command}` (transaction aborted): {answer}")]
     Refused { command: String, answer: String },
+    #[error(
+        "HAProxy is busy with another certificate operation and did not take `{command}`: {answer}"
+    )]
+    Busy { command: String, answer: String },
 }
 
 impl HaproxyError {
-    /// Worth retrying later (HAProxy may be starting or restarting).
+    /// Worth retrying later (HAProxy may be starting or restarting, or
+    /// busy with another certificate operation).
     pub fn is_transient(&self) -> bool {
-        matches!(self, HaproxyError::Unreachable { .. })
+        matches!(
+            self,
+            HaproxyError::Unreachable { .. } | HaproxyError::Busy { .. }
+        )
     }
+}
+
+/// HAProxy refuses certificate commands while another one holds its
+/// certificate lock ("Operations on certificates are currently locked!",
+/// e.g. during a commit or a `show ssl cert`), and allows one transaction
+/// at a time ("The ongoing transaction is about ..."): both pass.
+fn is_busy(lower_answer: &str) -> bool {
+    lower_answer.contains("currently locked")
+        || lower_answer.contains("ongoing transaction is about")
 }
 
 /// Sends one command and returns HAProxy's whole answer.
@@ -104,9 +121,17 @@ async fn transaction(
         .collect();
     let set = format!("set ssl {object} {name} <<\n{payload}\n");
     let answer = command(socket, &set).await?;
-    if !answer.contains("Transaction created") && !answer.contains("Transaction updated") {
+    // HAProxy 2.6 says "Transaction created for certificate ..." but
+    // "transaction created for CA ...": compare without case.
+    let lower = answer.to_lowercase();
+    if !lower.contains("transaction created") && !lower.contains("transaction updated") {
         abort(socket, object, &name).await;
-        let lower = answer.to_lowercase();
+        if is_busy(&lower) {
+            return Err(HaproxyError::Busy {
+                command: format!("set ssl {object} {name}"),
+                answer,
+            });
+        }
         if lower.contains("not referenced")
             || lower.contains("unknown")
             || lower.contains("unable to find")
@@ -127,14 +152,106 @@ async fn transaction(
     let answer = command(socket, &commit).await?;
     if !answer.contains("Success") {
         abort(socket, object, &name).await;
-        return Err(HaproxyError::Refused {
-            command: commit.trim().to_string(),
-            answer,
-        });
+        let command = commit.trim().to_string();
+        if is_busy(&answer.to_lowercase()) {
+            return Err(HaproxyError::Busy { command, answer });
+        }
+        return Err(HaproxyError::Refused { command, answer });
     }
     Ok(())
 }
 
 async fn abort(socket: &Path, object: &str, name: &str) {
     let _ = command(socket, &format!("abort ssl {object} {name}\n")).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A stats socket answering each connection (one command each, as the
+    /// runtime API's non-interactive mode) with the next scripted answer;
+    /// the task returns the commands it received.
+    fn fake_haproxy(
+        socket: &Path,
+        answers: Vec<&'static str>,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(socket).unwrap();
+        tokio::spawn(async move {
+            let mut commands = Vec::new();
+            for answer in answers {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut command = String::new();
+                stream.read_to_string(&mut command).await.unwrap();
+                commands.push(command);
+                stream.write_all(answer.as_bytes()).await.unwrap();
+            }
+            commands
+        })
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\r\nAAAA\r\n-----END CERTIFICATE-----\r\n\r\n-----BEGIN CERTIFICATE-----\r\nBBBB\r\n-----END CERTIFICATE-----\r\n";
+
+    #[tokio::test]
+    async fn a_ca_file_transaction_as_haproxy_2_6_answers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        // HAProxy 2.6's exact answers: lower-case "transaction" for CA files.
+        let server = fake_haproxy(
+            &socket,
+            vec![
+                "transaction created for CA /etc/haproxy/bundle.pem!\n\n",
+                "Committing /etc/haproxy/bundle.pem\nSuccess!\n\n",
+            ],
+        );
+        update_ca_file(&socket, Path::new("/etc/haproxy/bundle.pem"), PEM)
+            .await
+            .unwrap();
+        let commands = server.await.unwrap();
+        // The payload has no empty line (that would end it) and ends with one.
+        assert_eq!(
+            commands[0],
+            "set ssl ca-file /etc/haproxy/bundle.pem <<\n-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n\n"
+        );
+        assert_eq!(commands[1], "commit ssl ca-file /etc/haproxy/bundle.pem\n");
+    }
+
+    #[tokio::test]
+    async fn a_locked_certificate_store_is_retried_not_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        let server = fake_haproxy(
+            &socket,
+            vec![
+                "Can't update the certificate!\nOperations on certificates are currently locked!\n\n",
+                "No ongoing transaction!\n\n",
+            ],
+        );
+        let e = update_cert(&socket, Path::new("/etc/haproxy/svid.pem"), PEM)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HaproxyError::Busy { .. }), "{e}");
+        assert!(e.is_transient());
+        let commands = server.await.unwrap();
+        assert_eq!(commands[1], "abort ssl cert /etc/haproxy/svid.pem\n");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_haproxy_does_not_know_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        let _server = fake_haproxy(
+            &socket,
+            vec![
+                "Can't replace a certificate which is not referenced by the configuration!\nCan't update /etc/haproxy/other.pem!\n\n",
+                "No ongoing transaction!\n\n",
+            ],
+        );
+        let e = update_cert(&socket, Path::new("/etc/haproxy/other.pem"), PEM)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HaproxyError::Unknown { .. }), "{e}");
+        assert!(!e.is_transient());
+    }
 }

@@ -78,13 +78,15 @@ struct Rendered {
     haproxy_ca: String,
 }
 
+/// PEM blocks as SPIRE and OpenSSL write them: LF line endings and no
+/// blank line between blocks (`pem::encode_many` uses CRLF and separates
+/// blocks with an empty line, which would end an HAProxy runtime API
+/// payload early for anyone piping these files into the stats socket).
 fn pem_of(tag: &str, ders: impl IntoIterator<Item = Vec<u8>>) -> String {
-    pem::encode_many(
-        &ders
-            .into_iter()
-            .map(|d| pem::Pem::new(tag, d))
-            .collect::<Vec<_>>(),
-    )
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    ders.into_iter()
+        .map(|d| pem::encode_config(&pem::Pem::new(tag, d), config))
+        .collect()
 }
 
 /// Lays a validated response out with SPIRE's names: `svid.N.pem` (chain,
@@ -374,5 +376,19 @@ async fn push_to_haproxy(
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_files_look_like_spire_writes_them() {
+        let text = pem_of("CERTIFICATE", [vec![1u8; 100], vec![2u8; 100]]);
+        assert!(!text.contains('\r'), "CRLF line endings");
+        assert!(!text.contains("\n\n"), "an empty line between blocks");
+        assert_eq!(text.matches("-----BEGIN CERTIFICATE-----\n").count(), 2);
+        assert!(text.ends_with("-----END CERTIFICATE-----\n"));
     }
 }
