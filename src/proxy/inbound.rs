@@ -225,7 +225,7 @@ impl Inbound {
         close: &CancellationToken,
     ) where
         C: AsyncRead + AsyncWrite + Unpin,
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + AbortOnClose,
     {
         if let Some(header) = proxy_header {
             if let Err(e) = target.write_all(header).await {
@@ -236,6 +236,27 @@ impl Inbound {
                 return;
             }
         }
-        self.tunnel.carry(client, &mut target, peer, close).await;
+        let (_, end) = self.tunnel.carry(client, &mut target, peer, close).await;
+        if matches!(end, super::copy::CopyEnd::Failed(_)) {
+            // The client's side broke off: the app sees a reset too, not a
+            // clean end of stream it could take for a complete request.
+            target.abort_on_close();
+        }
     }
+}
+
+/// A target connection that can be made to close with a reset.
+trait AbortOnClose {
+    fn abort_on_close(&self);
+}
+
+impl AbortOnClose for TcpStream {
+    fn abort_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl AbortOnClose for UnixStream {
+    // Unix sockets have no reset; the close is all there is.
+    fn abort_on_close(&self) {}
 }

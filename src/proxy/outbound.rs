@@ -176,6 +176,11 @@ impl Outbound {
         debug!(resumed, "peer authorized");
 
         let (moved, end) = t.carry(&mut client, &mut tls, &peer, close).await;
+        if matches!(end, CopyEnd::Failed(_)) {
+            // The far side broke off: make the app see a reset too, not a
+            // clean end of stream it could take for a complete response.
+            let _ = client.set_zero_linger();
+        }
         // In TLS 1.3 the server checks our certificate after our side of the
         // handshake is done, so its refusal arrives as the first read.
         if let CopyEnd::Failed(e) = &end {
