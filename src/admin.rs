@@ -100,7 +100,7 @@ fn with_type(
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::timefmt::rfc3339(t)
 }
 
 /// The `/status` document.

@@ -54,7 +54,7 @@ pub fn check_report(path: &Path) -> Result<String, String> {
                     "  SVID {} (serial {}, expires {})",
                     svid.id,
                     svid.serial,
-                    humantime::format_rfc3339_seconds(svid.not_after)
+                    crate::timefmt::rfc3339(svid.not_after)
                 );
             }
             for (td, file) in &files.bundles {
@@ -204,7 +204,7 @@ pub fn verify(bundle_args: &[String], chain_path: &Path) -> u8 {
             eprintln!(
                 "valid X509-SVID: serial {}, expires {}",
                 peer.serial,
-                humantime::format_rfc3339_seconds(
+                crate::timefmt::rfc3339(
                     std::time::UNIX_EPOCH
                         + std::time::Duration::from_secs(peer.not_after.max(0) as u64)
                 )

@@ -714,8 +714,12 @@ fn apply_settings(
 }
 
 /// A humantime duration (`"30s"`, `"500ms"`, `"1h"`).
+/// Longest duration accepted for any key: far beyond any sensible timeout,
+/// and short enough that "now + it" always fits in a clock reading.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn duration(value: &Spanned<String>, key: &str, at: &Locator<'_>) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value.get_ref()).map_err(|e| {
+    let d = humantime::parse_duration(value.get_ref()).map_err(|e| {
         at.error(
             &value.span(),
             key,
@@ -724,7 +728,15 @@ fn duration(value: &Spanned<String>, key: &str, at: &Locator<'_>) -> Result<Dura
                 value.get_ref()
             ),
         )
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(at.error(
+            &value.span(),
+            key,
+            format!("{:?} is longer than the 10 years allowed", value.get_ref()),
+        ));
+    }
+    Ok(d)
 }
 
 /// A duration that must not be zero.

@@ -25,4 +25,5 @@ pub mod proto;
 pub mod proxy;
 pub mod runtime;
 pub mod spiffe_id;
+pub mod timefmt;
 pub mod tls;

@@ -758,7 +758,7 @@ async fn watch_identity(shared: Arc<Shared>) {
                     info!(
                         spiffe_id = %svid.id,
                         serial = %svid.serial,
-                        expires = %humantime::format_rfc3339_seconds(svid.not_after),
+                        expires = %crate::timefmt::rfc3339(svid.not_after),
                         "SVID in use"
                     );
                 }
@@ -785,7 +785,7 @@ async fn watch_identity(shared: Arc<Shared>) {
             () = tokio::time::sleep(until_expiry.min(Duration::from_secs(86400 * 365))) => {
                 if let Some(expiry) = expiry {
                     warn!(
-                        expired = %humantime::format_rfc3339_seconds(expiry),
+                        expired = %crate::timefmt::rfc3339(expiry),
                         "our SVID expired and no new one arrived: new connections are refused"
                     );
                 }

@@ -88,7 +88,7 @@ impl CaDir {
                 tracing::info!(
                     dir = %self.path.display(),
                     serial = %ca.serial,
-                    expires = %humantime::format_rfc3339_seconds(ca.not_after),
+                    expires = %crate::timefmt::rfc3339(ca.not_after),
                     "loaded the CA from --ca-dir"
                 );
                 ca

@@ -461,7 +461,7 @@ impl DevAgent {
         };
         tracing::info!(
             serial = %active.serial,
-            expires = %humantime::format_rfc3339_seconds(active.not_after),
+            expires = %crate::timefmt::rfc3339(active.not_after),
             "CA of {} is active",
             config.trust_domain
         );

@@ -163,7 +163,7 @@ impl Authority {
             if !keep {
                 tracing::info!(
                     serial = %ca.serial,
-                    expired = %humantime::format_rfc3339_seconds(ca.not_after),
+                    expired = %crate::timefmt::rfc3339(ca.not_after),
                     "dropped the retired CA from the bundle: it has expired"
                 );
             }
@@ -183,8 +183,8 @@ impl Authority {
         }
         tracing::info!(
             serial = %next.serial,
-            expires = %humantime::format_rfc3339_seconds(next.not_after),
-            activates = %humantime::format_rfc3339_seconds(self.active.activate_at()),
+            expires = %crate::timefmt::rfc3339(next.not_after),
+            activates = %crate::timefmt::rfc3339(self.active.activate_at()),
             "prepared the next CA and added it to the bundle; it signs nothing yet"
         );
         let next = Arc::new(next);
@@ -201,7 +201,7 @@ impl Authority {
         tracing::info!(
             serial = %next.serial,
             previous = %self.active.serial,
-            previous_expires = %humantime::format_rfc3339_seconds(self.active.not_after),
+            previous_expires = %crate::timefmt::rfc3339(self.active.not_after),
             "activated the next CA; the previous one stays in the bundle until it expires"
         );
         if let Some(dir) = &self.ca_dir {
@@ -229,7 +229,7 @@ impl Authority {
             tracing::info!(
                 spiffe_id = %svid.id,
                 serial = %svid.serial,
-                expires = %humantime::format_rfc3339_seconds(svid.not_after),
+                expires = %crate::timefmt::rfc3339(svid.not_after),
                 ca = %svid.signer,
                 "{} X509-SVID",
                 if self.svids.len() > index { "rotated" } else { "issued" }

@@ -271,7 +271,7 @@ impl Identity {
             if now >= svid.not_after {
                 return Err(IdentityError::Expired {
                     id: svid.id.to_string(),
-                    not_after: humantime::format_rfc3339_seconds(svid.not_after).to_string(),
+                    not_after: crate::timefmt::rfc3339(svid.not_after),
                 });
             }
             if bundles.get(svid.id.trust_domain()).is_some() {

@@ -326,7 +326,7 @@ impl WorkloadApiSource {
                     let still = match self.store.load().and_then(|i| i.earliest_expiry()) {
                         Some(expiry) if expiry > SystemTime::now() => format!(
                             "keeping the current SVID until it expires at {}",
-                            humantime::format_rfc3339_seconds(expiry)
+                            crate::timefmt::rfc3339(expiry)
                         ),
                         Some(_) => {
                             "the current SVID has expired: new connections are refused".into()

@@ -78,7 +78,12 @@ where
     );
     tokio::pin!(copy);
 
-    let mut deadline = start + idle_timeout;
+    // A timeout too long for the clock means "never".
+    let far = |from: Instant| {
+        from.checked_add(idle_timeout)
+            .unwrap_or_else(|| from + Duration::from_secs(86400 * 365 * 30))
+    };
+    let mut deadline = far(start);
     let end = loop {
         tokio::select! {
             result = &mut copy => break match result {
@@ -90,7 +95,7 @@ where
                 if Instant::now().saturating_duration_since(last) >= idle_timeout {
                     break CopyEnd::Idle;
                 }
-                deadline = last + idle_timeout;
+                deadline = far(last);
             }
             () = cancel.cancelled() => break CopyEnd::Cancelled,
         }
