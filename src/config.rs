@@ -527,14 +527,15 @@ impl Config {
         let log = LogConfig {
             filter: match &raw.log.filter {
                 Some(f) => {
-                    if let Err(e) = tracing_subscriber::EnvFilter::try_new(f.get_ref()) {
+                    let filter = normalize_log_filter(f.get_ref());
+                    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&filter) {
                         return Err(at.error(
                             &f.span(),
                             "log.filter",
                             format!("not a log filter: {e}"),
                         ));
                     }
-                    Some(f.get_ref().clone())
+                    Some(filter)
                 }
                 None => None,
             },
@@ -714,6 +715,19 @@ fn apply_settings(
 }
 
 /// A humantime duration (`"30s"`, `"500ms"`, `"1h"`).
+/// A log filter with each directive trimmed. tracing-subscriber 0.3.23
+/// panics on a directive that starts with whitespace and holds a non-ASCII
+/// character (it slices the untrimmed text with indices of the trimmed
+/// one), so filters from the config or `RUST_LOG` pass through here first.
+pub fn normalize_log_filter(filter: &str) -> String {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Longest duration accepted for any key: far beyond any sensible timeout,
 /// and short enough that "now + it" always fits in a clock reading.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);

@@ -137,8 +137,15 @@ async fn demo(args: spiffe_tunnel::cli::DemoArgs) -> u8 {
 }
 
 fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Filters are normalized first: see config::normalize_log_filter.
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .map(|f| spiffe_tunnel::config::normalize_log_filter(&f))
+        .and_then(|f| EnvFilter::try_new(f).ok());
+    let filter = from_env.unwrap_or_else(|| {
+        EnvFilter::try_new(spiffe_tunnel::config::normalize_log_filter(default_filter))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

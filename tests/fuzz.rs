@@ -1886,3 +1886,49 @@ fn regression_svid_that_expired_before_1970_is_refused_without_a_panic() {
         Err(_) => panic!("identity_from_response panicked on an SVID that expired in 1966"),
     }
 }
+
+/// Found by `fuzz_config_parser` (`filter = "\t0¡="`): tracing-subscriber
+/// 0.3.23's `Directive::parse` walks the *trimmed* directive with
+/// `char_indices` but slices the untrimmed one with those indices, so a
+/// directive with leading whitespace and a non-ASCII character panics
+/// ("byte index is not a char boundary"). `Config::parse` validates
+/// `[log] filter` with `EnvFilter::try_new`, so an ordinary-looking
+/// `filter = "info, é=debug"` panicked `check`, `run` and reloads instead
+/// of being refused (or accepted) with a message.
+#[test]
+fn regression_log_filter_with_whitespace_and_non_ascii_does_not_panic() {
+    for filter in ["info, é=debug", "\t0¡=", " é", "info,\u{a0}x=debug"] {
+        let text = format!(
+            "[identity]\nsource = \"workload_api\"\n[log]\nfilter = {}\n\
+             [[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:8443\"\n\
+             target = \"127.0.0.1:3000\"\nallow = [\"spiffe://example.org/web\"]\n",
+            toml_string(filter)
+        );
+        let outcome = std::panic::catch_unwind(|| check_config(&text));
+        match outcome {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("filter = {filter:?}: {e}"),
+            Err(_) => panic!("Config::parse panicked on [log] filter = {filter:?}"),
+        }
+    }
+}
+
+/// The same tracing-subscriber bug through `RUST_LOG`, which every command
+/// reads at start (`init_logging` in `src/main.rs`): the process must not
+/// die with a panic (exit 101) because of a space and an accent in it.
+#[test]
+fn regression_rust_log_with_whitespace_and_non_ascii_does_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spiffe-tunnel"))
+        .args(["check", "-c", missing.to_str().unwrap()])
+        .env("RUST_LOG", "info, é=debug")
+        .output()
+        .expect("run spiffe-tunnel");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "`check` of a missing file with RUST_LOG=\"info, é=debug\" should exit 2:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
