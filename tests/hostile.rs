@@ -38,9 +38,8 @@ use common::certs::{Ca, Leaf};
 use common::harness::*;
 use common::probe::*;
 use common::targets::RecordingTarget;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme, SupportedProtocolVersion};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::SupportedProtocolVersion;
 use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,43 +58,6 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(8);
 // ---------------------------------------------------------------------------
 // TLS clients of every shape
 
-/// Accepts any server certificate: these clients test what the inbound
-/// does with *them*.
-#[derive(Debug)]
-struct AnyServer(rustls::crypto::WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
 /// A client config for `versions`, presenting `leaf` (or no certificate),
 /// offering `alpn`.
 fn client(
@@ -109,7 +71,7 @@ fn client(
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(algorithms)));
+        .with_custom_certificate_verifier(Arc::new(common::harness::AcceptAnyServer(algorithms)));
     let mut config = match leaf {
         Some(leaf) => {
             let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())

@@ -231,7 +231,7 @@ pub async fn roundtrip(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>>
 /// Accepts any server certificate: for test clients whose point is what
 /// the *server* (our inbound) does with *their* certificate.
 #[derive(Debug)]
-struct AcceptAnyServer(rustls::crypto::WebPkiSupportedAlgorithms);
+pub struct AcceptAnyServer(pub rustls::crypto::WebPkiSupportedAlgorithms);
 
 impl ServerCertVerifier for AcceptAnyServer {
     fn verify_server_cert(
