@@ -1,16 +1,16 @@
-//! A full mutual TLS 1.3 handshake in memory, with the configs the tunnel
-//! ends use (`tls::config::client_config` / `server_config`: SPIFFE
-//! verification and authorization in both directions, resumption off), so
-//! the CPU cost of one new tunnelled connection's handshake (both sides,
-//! no sockets) can be read directly: with every connection a full
-//! handshake, new connections per second on N cores are bounded by about
-//! N / (this time + the proxies' other per-connection work).
+//! A mutual TLS 1.3 handshake in memory, with the configs the tunnel ends
+//! use (`tls::config::client_config` / `server_config`: SPIFFE
+//! verification and authorization in both directions), so the CPU cost of
+//! one new tunnelled connection's handshake (both sides, no sockets) can be
+//! read directly: new connections per second on N cores are bounded by
+//! about N / (this time + the proxies' other per-connection work).
 //!
-//! A second case is what a resumed handshake would cost with the same
-//! verifiers and resolvers but session tickets on (the tunnel turns
-//! resumption off; HAProxy and nginx resume by default). rustls runs no
-//! certificate verifier on resumption, so a tunnel that resumed would add
-//! one `verify_svid_chain` (see the verify bench) to re-check the peer.
+//! Two cases: a full handshake (the client config without a session
+//! cache), and a resumed one (the outbound's per-upstream session cache,
+//! `tls::resumption::ClientResumption`, against the inbound's bounded
+//! ticket issuer). rustls runs no certificate verifier on resumption; the
+//! tunnel adds one `verify_svid_chain` (see the verify bench) per resumed
+//! connection to re-check the peer, which this bench does not include.
 //!
 //! Run: `cargo bench --bench handshake`
 
@@ -31,8 +31,7 @@ use spiffe_tunnel::identity::{Identity, IdentityStore, Svid};
 use spiffe_tunnel::policy::{parse_rule, Policy};
 use spiffe_tunnel::spiffe_id::{self, SpiffeId};
 use spiffe_tunnel::tls::config::{client_config, provider, server_config, TlsSettings};
-use spiffe_tunnel::tls::resolver::SvidResolver;
-use spiffe_tunnel::tls::verify::{PeerRole, SpiffeVerifier};
+use spiffe_tunnel::tls::resumption::ClientResumption;
 
 const WEB: &str = "spiffe://example.org/web";
 const API: &str = "spiffe://example.org/api";
@@ -69,40 +68,8 @@ fn settings(store: &Arc<IdentityStore>, ours: &str, allow: &str) -> TlsSettings 
         policy: policy(allow),
         svid: Some(id(ours)),
         min_tls: MinTls::Tls13,
+        session_resumption: true,
     }
-}
-
-/// The tunnel's verifiers and resolvers, with session resumption on.
-fn resuming_configs(store: &Arc<IdentityStore>) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
-    let p = provider();
-    let mut server = ServerConfig::builder_with_provider(Arc::clone(&p))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("versions")
-        .with_client_cert_verifier(Arc::new(SpiffeVerifier::new(
-            Arc::clone(store),
-            policy(WEB),
-            PeerRole::Client,
-        )))
-        .with_cert_resolver(Arc::new(SvidResolver::new(
-            Arc::clone(store),
-            Some(id(API)),
-        )));
-    server.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
-    server.send_tls13_tickets = 1;
-    let client = ClientConfig::builder_with_provider(p)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeVerifier::new(
-            Arc::clone(store),
-            policy(API),
-            PeerRole::Server,
-        )))
-        .with_client_cert_resolver(Arc::new(SvidResolver::new(
-            Arc::clone(store),
-            Some(id(WEB)),
-        )));
-    (Arc::new(client), Arc::new(server))
 }
 
 /// Drives a handshake between the two configs in memory, including the
@@ -140,15 +107,16 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> ClientCo
 
 fn bench_handshake(c: &mut Criterion) {
     let store = store();
-    let tunnel = (
-        client_config(&settings(&store, WEB, API)).expect("client config"),
-        server_config(&settings(&store, API, WEB)).expect("server config"),
-    );
-    let resuming = resuming_configs(&store);
+    let client = client_config(&settings(&store, WEB, API)).expect("client config");
+    let server = server_config(&settings(&store, API, WEB)).expect("server config");
+    let sessions = ClientResumption::new(Arc::clone(&client), Arc::clone(&store), true);
+    let resuming_client = sessions.config_for("127.0.0.1:8443".parse().expect("address"));
+    let tunnel = (client, Arc::clone(&server));
+    let resuming = (resuming_client, server);
     let mut group = c.benchmark_group("mtls13_handshake");
     for (name, (client, server), expect) in [
-        ("full_tunnel_configs", &tunnel, HandshakeKind::Full),
-        ("resumed_tickets_on", &resuming, HandshakeKind::Resumed),
+        ("full", &tunnel, HandshakeKind::Full),
+        ("resumed", &resuming, HandshakeKind::Resumed),
     ] {
         handshake(client, server); // primes the session cache when there is one
         let done = handshake(client, server);

@@ -75,6 +75,7 @@ fn bench_rotation(c: &mut Criterion) {
         policy: Arc::new(ArcSwap::from_pointee(policy)),
         svid: None,
         min_tls: MinTls::Tls13,
+        session_resumption: true,
     };
     c.bench_function("tls_config/server_config", |b| {
         b.iter(|| server_config(black_box(&settings)).expect("config"))

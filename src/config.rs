@@ -60,6 +60,9 @@ pub struct TunnelSettings {
     pub max_connections: usize,
     pub drain_timeout: Duration,
     pub min_tls: MinTls,
+    /// TLS 1.3 session resumption (bounded tickets; every resumed session
+    /// is verified and authorized again).
+    pub session_resumption: bool,
 }
 
 impl Default for TunnelSettings {
@@ -71,6 +74,7 @@ impl Default for TunnelSettings {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             min_tls: MinTls::Tls13,
+            session_resumption: true,
         }
     }
 }
@@ -267,6 +271,7 @@ struct RawSettings {
     max_connections: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<String>>,
     min_tls: Option<Spanned<String>>,
+    session_resumption: Option<bool>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so the
@@ -287,6 +292,7 @@ macro_rules! tunnel_table {
             max_connections: Option<Spanned<i64>>,
             drain_timeout: Option<Spanned<String>>,
             min_tls: Option<Spanned<String>>,
+            session_resumption: Option<bool>,
             $($field: $ty,)*
         }
 
@@ -299,6 +305,7 @@ macro_rules! tunnel_table {
                     max_connections: self.max_connections.clone(),
                     drain_timeout: self.drain_timeout.clone(),
                     min_tls: self.min_tls.clone(),
+                    session_resumption: self.session_resumption,
                 }
             }
         }
@@ -711,6 +718,9 @@ fn apply_settings(
             }
         };
     }
+    if let Some(on) = raw.session_resumption {
+        s.session_resumption = on;
+    }
     Ok(s)
 }
 
@@ -1073,6 +1083,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             max_connections: 10_000,
             drain_timeout: secs(30),
             min_tls: MinTls::Tls13,
+            session_resumption: true,
         };
 
         assert_eq!(
@@ -1234,6 +1245,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             max_connections: 10_000,
             drain_timeout: secs(30),
             min_tls: MinTls::Tls13,
+            session_resumption: true,
         };
         assert_eq!(TunnelSettings::default(), expected);
         assert_eq!(config.inbound[0].settings, expected);
@@ -1245,6 +1257,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
         let text = format!(
             "{WORKLOAD_API}\n[defaults]\nhandshake_timeout = \"2s\"\nconnect_timeout = \"750ms\"\n\
              idle_timeout = \"4m\"\nmax_connections = 50\ndrain_timeout = \"7s\"\nmin_tls = \"1.2\"\n\
+             session_resumption = false\n\
              [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
              allow = [\"spiffe://example.org/web\"]\n\
              [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
@@ -1260,6 +1273,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             max_connections: 50,
             drain_timeout: secs(7),
             min_tls: MinTls::Tls12,
+            session_resumption: false,
         };
         assert_eq!(config.inbound[0].settings, expected);
         assert_eq!(config.inbound[1].settings, expected);
@@ -1272,7 +1286,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             "{WORKLOAD_API}\n[defaults]\nhandshake_timeout = \"2s\"\nmax_connections = 50\nmin_tls = \"1.2\"\n\
              [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
              allow = [\"spiffe://example.org/web\"]\nhandshake_timeout = \"500ms\"\n\
-             max_connections = 7\nmin_tls = \"1.3\"\nidle_timeout = \"90s\"\n\
+             max_connections = 7\nmin_tls = \"1.3\"\nidle_timeout = \"90s\"\nsession_resumption = false\n\
              [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
              allow = [\"spiffe://example.org/web\"]\n\
              [[outbound]]\nname = \"c\"\nlisten = \"127.0.0.1:1003\"\nupstreams = [\"x:1\"]\n\
@@ -1288,6 +1302,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 max_connections: 7,
                 drain_timeout: secs(30),
                 min_tls: MinTls::Tls13,
+                session_resumption: false,
             }
         );
         // The tunnel's own keys do not leak into its neighbours.
@@ -1300,6 +1315,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 max_connections: 50,
                 drain_timeout: secs(30),
                 min_tls: MinTls::Tls12,
+                session_resumption: true,
             }
         );
         assert_eq!(
@@ -1311,6 +1327,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 max_connections: 50,
                 drain_timeout: Duration::ZERO,
                 min_tls: MinTls::Tls12,
+                session_resumption: true,
             }
         );
     }

@@ -82,6 +82,21 @@ struct BytesLabels {
     direction: Direction,
 }
 
+/// Whether a completed TLS handshake was a full one or a resumption.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HandshakeMode {
+    full,
+    resumed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    tunnel: String,
+    kind: TunnelKind,
+    mode: HandshakeMode,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
@@ -100,6 +115,7 @@ pub struct Metrics {
     active: Family<TunnelLabels, Gauge>,
     bytes: Family<BytesLabels, Counter>,
     handshake_seconds: Family<TunnelLabels, Histogram>,
+    handshakes: Family<HandshakeLabels, Counter>,
     svid_expiry: Family<SpiffeIdLabels, Gauge>,
     pub svid_rotations: Counter,
     pub workload_api_up: Gauge,
@@ -125,6 +141,7 @@ impl Metrics {
         let handshake_seconds = Family::<TunnelLabels, Histogram>::new_with_constructor(
             handshake_histogram as fn() -> Histogram,
         );
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
         let svid_expiry = Family::<SpiffeIdLabels, Gauge>::default();
         let svid_rotations = Counter::default();
         let workload_api_up = Gauge::default();
@@ -152,6 +169,11 @@ impl Metrics {
             "spiffe_tunnel_handshake_duration_seconds",
             "TLS handshake duration, successful or not",
             handshake_seconds.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_handshakes",
+            "Completed TLS handshakes, full or resumed (a resumed one is still verified and authorized)",
+            handshakes.clone(),
         );
         registry.register(
             "spiffe_tunnel_svid_expiry_timestamp_seconds",
@@ -197,6 +219,7 @@ impl Metrics {
             active,
             bytes,
             handshake_seconds,
+            handshakes,
             svid_expiry,
             svid_rotations,
             workload_api_up,
@@ -227,6 +250,13 @@ impl Metrics {
                 direction,
             })
         };
+        let handshakes = |mode| {
+            self.handshakes.get_or_create_owned(&HandshakeLabels {
+                tunnel: name.to_string(),
+                kind,
+                mode,
+            })
+        };
         TunnelMetrics {
             ok: result(ConnResult::ok),
             denied: result(ConnResult::denied),
@@ -239,6 +269,8 @@ impl Metrics {
             server_to_client: bytes(Direction::server_to_client),
             handshake_seconds: self.handshake_seconds.get_or_create_owned(&labels),
             revoked: self.revoked.get_or_create_owned(&labels),
+            full_handshakes: handshakes(HandshakeMode::full),
+            resumed_handshakes: handshakes(HandshakeMode::resumed),
         }
     }
 
@@ -296,6 +328,8 @@ pub struct TunnelMetrics {
     pub server_to_client: Counter,
     pub handshake_seconds: Histogram,
     pub revoked: Counter,
+    full_handshakes: Counter,
+    resumed_handshakes: Counter,
 }
 
 impl TunnelMetrics {
@@ -309,5 +343,14 @@ impl TunnelMetrics {
             ConnResult::no_identity => &self.no_identity,
         }
         .inc();
+    }
+
+    /// Counts a completed handshake.
+    pub fn count_handshake(&self, resumed: bool) {
+        if resumed {
+            self.resumed_handshakes.inc();
+        } else {
+            self.full_handshakes.inc();
+        }
     }
 }

@@ -604,6 +604,7 @@ async fn start_tunnel(config: TunnelConfig, ctx: &TunnelContext) -> Result<Runni
                 policy,
                 svid: inbound.svid.clone(),
                 min_tls: inbound.settings.min_tls,
+                session_resumption: inbound.settings.session_resumption,
             })?;
             info!(tunnel = %inbound.name, listen = %listen, target = %inbound.target, "inbound tunnel listening");
             let serving = Arc::new(Inbound::new(Arc::clone(&tunnel), inbound.clone(), tls));
@@ -632,6 +633,7 @@ async fn start_tunnel(config: TunnelConfig, ctx: &TunnelContext) -> Result<Runni
                 policy,
                 svid: outbound.svid.clone(),
                 min_tls: outbound.settings.min_tls,
+                session_resumption: outbound.settings.session_resumption,
             })?;
             info!(tunnel = %outbound.name, listen = %listen, upstreams = ?outbound.upstreams, "outbound tunnel listening");
             let upstreams = Balancer::new(

@@ -19,7 +19,7 @@
 //! * `uds_authority.rs` — lets clients that send the socket path as the
 //!   HTTP/2 `:authority` (gRPC C-core: Python, C++; Java) be served.
 
-mod ca;
+pub(crate) mod ca;
 mod ca_dir;
 mod rotation;
 mod server;

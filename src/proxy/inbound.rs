@@ -131,6 +131,7 @@ impl Inbound {
 
         let (_, session) = tls.get_ref();
         let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
+        t.metrics.count_handshake(resumed);
         let peer = match t.admit(
             session.peer_certificates(),
             resumed,

@@ -21,6 +21,7 @@ use super::registry::Registration;
 use super::{classify_handshake_error, rustls_error, Tunnel};
 use crate::config::OutboundConfig;
 use crate::metrics::ConnResult;
+use crate::tls::resumption::ClientResumption;
 use crate::tls::verify::PeerRole;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Outbound {
     pub tunnel: Arc<Tunnel>,
     pub config: OutboundConfig,
-    connector: TlsConnector,
+    /// The TLS config per upstream address, each with its own tickets.
+    sessions: ClientResumption,
     /// Picks and health-checks the upstreams.
     pub balancer: Arc<Balancer>,
 }
@@ -40,10 +42,15 @@ impl Outbound {
         tls: Arc<rustls::ClientConfig>,
         balancer: Arc<Balancer>,
     ) -> Self {
+        let sessions = ClientResumption::new(
+            tls,
+            Arc::clone(&tunnel.store),
+            config.settings.session_resumption,
+        );
         Self {
             tunnel,
             config,
-            connector: TlsConnector::from(tls),
+            sessions,
             balancer,
         }
     }
@@ -95,9 +102,12 @@ impl Outbound {
         // The balancer retries a failed connect once on another upstream;
         // a handshake the upstream cuts off (it accepts TCP but cannot
         // serve, e.g. its own SVID expired) gets one more try elsewhere
-        // too. Both are safe: nothing was read from the client yet.
+        // too, and so does a resumed session that no longer verifies (it
+        // carries the server's certificate of its first handshake), this
+        // time with a full handshake. All are safe: nothing was read from
+        // the client yet.
         let mut attempts_left = 2;
-        let (mut tls, chosen, upstream) = loop {
+        let (mut tls, chosen, peer) = loop {
             attempts_left -= 1;
             let (upstream_tcp, chosen) = match self.balancer.connect().await {
                 Ok(found) => found,
@@ -111,7 +121,8 @@ impl Outbound {
             let started = Instant::now();
             let handshake = tokio::time::timeout(
                 t.settings.handshake_timeout,
-                self.connector.connect(server_name(&upstream), upstream_tcp),
+                TlsConnector::from(self.sessions.config_for(chosen.addr()))
+                    .connect(server_name(&upstream), upstream_tcp),
             )
             .await;
             t.metrics
@@ -120,7 +131,35 @@ impl Outbound {
             match handshake {
                 Ok(Ok(tls)) => {
                     chosen.report_success();
-                    break (tls, chosen, upstream);
+                    let (_, session) = tls.get_ref();
+                    let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
+                    t.metrics.count_handshake(resumed);
+                    match t.admit(
+                        session.peer_certificates(),
+                        resumed,
+                        generation,
+                        registration,
+                        PeerRole::Server,
+                    ) {
+                        Ok(peer) => {
+                            debug!(resumed, "peer authorized");
+                            break (tls, chosen, peer);
+                        }
+                        Err(e) if resumed && attempts_left > 0 => {
+                            debug!(upstream = %upstream, error = %e, "resumed session no longer verifies; full handshake");
+                            self.sessions.forget(chosen.addr());
+                            continue;
+                        }
+                        Err(e) => {
+                            let result = if e.is_denial() {
+                                ConnResult::denied
+                            } else {
+                                ConnResult::handshake_error
+                            };
+                            t.refuse(result, &format_args!("upstream {upstream}: {e}"));
+                            return;
+                        }
+                    }
                 }
                 Ok(Err(e)) => {
                     let cut_off = matches!(
@@ -151,29 +190,7 @@ impl Outbound {
             }
         };
         let _in_use = &chosen;
-
-        let (_, session) = tls.get_ref();
-        let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
-        let peer = match t.admit(
-            session.peer_certificates(),
-            resumed,
-            generation,
-            registration,
-            PeerRole::Server,
-        ) {
-            Ok(peer) => peer,
-            Err(e) => {
-                let result = if e.is_denial() {
-                    ConnResult::denied
-                } else {
-                    ConnResult::handshake_error
-                };
-                t.refuse(result, &format_args!("upstream {upstream}: {e}"));
-                return;
-            }
-        };
         Span::current().record("peer_id", field::display(&peer.id));
-        debug!(resumed, "peer authorized");
 
         let (moved, end) = t.carry(&mut client, &mut tls, &peer, close).await;
         if matches!(end, CopyEnd::Failed(_)) {

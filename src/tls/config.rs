@@ -7,15 +7,13 @@
 //! handshake in flight finishes with the snapshot it started with, and live
 //! connections are untouched.
 //!
-//! TLS session resumption is off in both directions, so every connection is
-//! a full handshake that verifies the peer's *current* certificate. A
-//! resumed session would carry the peer certificate of its original
-//! handshake, and with SVIDs rotating at half-life that certificate can
-//! expire while the ticket is still valid (rustls gives stateful tickets a
-//! 24 h lifetime): the connection would then be refused, or worse, accepted
-//! on an expired identity. Resumption bounded by SVID lifetimes belongs to
-//! the performance work; `authorize_session` already re-verifies resumed
-//! sessions should one ever occur.
+//! TLS 1.3 session resumption is on unless a tunnel sets
+//! `session_resumption = false`; [`super::resumption`] holds the rules that
+//! keep tickets shorter-lived than the identities behind them, and
+//! `authorize_session` verifies and authorizes every resumed session again.
+//! The client config built here never resumes by itself: outbound tunnels
+//! get their per-upstream session caches from
+//! [`super::resumption::ClientResumption`].
 
 use std::sync::Arc;
 
@@ -24,16 +22,22 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, ServerConfig, SupportedProtocolVersion};
 
 use super::resolver::SvidResolver;
+use super::resumption::{TicketIssuer, TicketKeyError};
 use super::verify::{PeerRole, SpiffeVerifier};
 use crate::config::MinTls;
 use crate::identity::IdentityStore;
 use crate::policy::Policy;
 use crate::spiffe_id::SpiffeId;
 
-/// Errors building a TLS config; only a broken crypto provider causes them.
+/// Errors building a TLS config; only a broken crypto provider or random
+/// source causes them.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot build the TLS configuration: {0}")]
-pub struct TlsConfigError(#[from] rustls::Error);
+pub enum TlsConfigError {
+    #[error("cannot build the TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    TicketKey(#[from] TicketKeyError),
+}
 
 /// What a tunnel end needs to build its TLS config.
 #[derive(Debug, Clone)]
@@ -42,6 +46,8 @@ pub struct TlsSettings {
     pub policy: Arc<ArcSwap<Policy>>,
     pub svid: Option<SpiffeId>,
     pub min_tls: MinTls,
+    /// Whether sessions may be resumed (TLS 1.3 tickets).
+    pub session_resumption: bool,
 }
 
 /// The crypto provider of the whole process: aws-lc-rs, default suites.
@@ -74,13 +80,24 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsCon
             Arc::clone(&settings.store),
             settings.svid.clone(),
         )));
+    // Stateless tickets only: no session state kept in memory per client.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    if settings.session_resumption {
+        config.ticketer = Arc::new(TicketIssuer::new(
+            Arc::clone(&settings.store),
+            settings.svid.clone(),
+        )?);
+    } else {
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
 /// The client side of an outbound tunnel: the server must present an
-/// X509-SVID allowed by the tunnel's policy, and we present ours.
+/// X509-SVID allowed by the tunnel's policy, and we present ours. Without
+/// a session cache: [`ClientResumption`] adds one per upstream.
+///
+/// [`ClientResumption`]: super::resumption::ClientResumption
 pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let verifier = SpiffeVerifier::new(
         Arc::clone(&settings.store),

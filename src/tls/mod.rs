@@ -1,7 +1,9 @@
 //! rustls glue: peer verification ([`verify`]), certificate selection from
-//! the identity store ([`resolver`]) and the per-tunnel TLS configs built
-//! from both ([`config`]).
+//! the identity store ([`resolver`]), session resumption bounded by our
+//! identities ([`resumption`]) and the per-tunnel TLS configs built from
+//! them ([`config`]).
 
 pub mod config;
 pub mod resolver;
+pub mod resumption;
 pub mod verify;
