@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, field, info_span, Instrument, Span};
 
 use super::proxy_protocol::{cipher_name, tls_version_name, ProxyHeader};
+use super::read_ahead::ReadAhead;
 use super::registry::Registration;
 use super::{classify_handshake_error, Tunnel};
 use crate::config::{InboundConfig, Target};
@@ -106,7 +107,8 @@ impl Inbound {
         // Identity changes after this point are re-checked in `admit`.
         let generation = t.store.generation();
         let started = Instant::now();
-        let handshake = tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await;
+        let handshake =
+            tokio::time::timeout_at(deadline, self.acceptor.accept(ReadAhead::new(tcp))).await;
         t.metrics
             .handshake_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -153,7 +155,8 @@ impl Inbound {
         Span::current().record("peer_id", field::display(&peer.id));
         debug!(resumed, "peer authorized");
         let proxy_header = self.config.proxy_protocol.then(|| {
-            let (tcp, session) = tls.get_ref();
+            let (socket, session) = tls.get_ref();
+            let tcp = socket.get_ref();
             let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
             ProxyHeader {
                 source: tcp.peer_addr().unwrap_or(unknown),

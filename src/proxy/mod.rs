@@ -11,6 +11,7 @@ pub mod copy;
 pub mod inbound;
 pub mod outbound;
 pub mod proxy_protocol;
+pub mod read_ahead;
 pub mod registry;
 
 use std::io;

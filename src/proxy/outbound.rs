@@ -17,6 +17,7 @@ use tracing::{debug, field, info_span, warn, Instrument, Span};
 
 use super::balance::Balancer;
 use super::copy::CopyEnd;
+use super::read_ahead::ReadAhead;
 use super::registry::Registration;
 use super::{classify_handshake_error, rustls_error, Tunnel};
 use crate::config::OutboundConfig;
@@ -122,7 +123,7 @@ impl Outbound {
             let handshake = tokio::time::timeout(
                 t.settings.handshake_timeout,
                 TlsConnector::from(self.sessions.config_for(chosen.addr()))
-                    .connect(server_name(&upstream), upstream_tcp),
+                    .connect(server_name(&upstream), ReadAhead::new(upstream_tcp)),
             )
             .await;
             t.metrics
