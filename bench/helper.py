@@ -7,7 +7,7 @@ Standard library only, so it runs on a fresh Debian with just python3.
 
     helper.py probe --port P [--deadline S]
     helper.py idle --port P --backend-port B --count N --pgid G [--pgid G ...]
-    helper.py metric --port ADMIN --name METRIC
+    helper.py metric --port ADMIN --name METRIC [--label 'k="v"']
     helper.py sample --run R --chain C --kind iperf|wrk_close|wrk_keepalive FILE [--label L]
     helper.py record --run R --chain C --figure F [--value V] [--raw-file F] [--message M]
     helper.py meta                      (reads BM_* from the environment)
@@ -66,13 +66,16 @@ def cmd_probe(args):
 
 
 def cmd_metric(args):
-    """Sums every sample of a Prometheus metric from an admin endpoint."""
+    """Sums every sample of a Prometheus metric from an admin endpoint (only
+    those whose labels contain --label, when given)."""
     status, body = http_get(args.port, "/metrics")
     if status != 200:
         print(f"admin 127.0.0.1:{args.port}/metrics answered {status}", file=sys.stderr)
         return 1
     total = 0.0
     for line in body.decode(errors="replace").splitlines():
+        if args.label and args.label not in line.split(" ", 1)[0]:
+            continue
         if line.startswith(args.name) and line[len(args.name):len(args.name) + 1] in (" ", "{"):
             try:
                 total += float(line.rsplit(" ", 1)[1])
@@ -389,6 +392,13 @@ def cmd_report(args):
         f"{fmt(rotating, 'tput1')} Gbit/s vs {fmt(still, 'tput1')} Gbit/s without "
         f"(--ttl 1h) = {'-' if rot_ratio is None else f'{rot_ratio:.3f}'}x, target >= 0.95x: "
         f"{rot_verdict}  (rotations seen per run: {rot_seen})")
+    full = sum(values(OURS, "handshakes_full"))
+    resumed = sum(values(OURS, "handshakes_resumed"))
+    if full + resumed:
+        out.append(f"spiffe-tunnel handshakes at the server side during the new-connection runs: "
+                   f"{resumed:,.0f} resumed of {full + resumed:,.0f} "
+                   f"({100 * resumed / (full + resumed):.0f} %)")
+        summary["handshakes"] = {"full": full, "resumed": resumed}
     problems = [s for s in samples if s.get("figure") == "error"]
     if problems:
         out.append("")
@@ -450,6 +460,7 @@ def main():
     s = sub.add_parser("metric")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--name", required=True)
+    s.add_argument("--label", default="")
     s.set_defaults(fn=cmd_metric)
 
     s = sub.add_parser("idle")

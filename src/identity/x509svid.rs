@@ -103,10 +103,22 @@ pub fn check_leaf(der: &[u8]) -> Result<LeafFacts, SvidRuleError> {
     })
 }
 
+/// Validity bounds of a certificate, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
 /// Checks a certificate that signs others in an SVID chain (an intermediate):
 /// it must be a CA with keyCertSign, and its key and signature must be strong.
-pub fn check_signer(der: &[u8]) -> Result<(), SvidRuleError> {
+/// Returns its validity bounds.
+pub fn check_signer(der: &[u8]) -> Result<Validity, SvidRuleError> {
     let cert = parse(der)?;
+    let validity = Validity {
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    };
     let subject = cert.subject().to_string();
     let is_ca = cert
         .basic_constraints()
@@ -122,7 +134,8 @@ pub fn check_signer(der: &[u8]) -> Result<(), SvidRuleError> {
     if !can_sign {
         return Err(SvidRuleError::SignerNoKeyCertSign { subject });
     }
-    check_strength(&cert, &format!("signing certificate {subject:?}"))
+    check_strength(&cert, &format!("signing certificate {subject:?}"))?;
+    Ok(validity)
 }
 
 /// The SPIFFE ID of a leaf, with the one-URI-SAN rule applied.

@@ -50,9 +50,40 @@ pub struct TlsSettings {
     pub session_resumption: bool,
 }
 
-/// The crypto provider of the whole process: aws-lc-rs, default suites.
+/// The crypto provider of the whole process: aws-lc-rs with its default
+/// suites, AES-128-GCM first (then AES-256-GCM, then ChaCha20-Poly1305).
+///
+/// aws-lc-rs lists AES-256-GCM-SHA384 first. AES-128-GCM is as much a
+/// mandatory TLS 1.3 suite, is what Go's crypto/tls prefers, and costs less
+/// on both counts that matter to a proxy: four fewer AES rounds per block
+/// of bulk data, and a SHA-256 key schedule and transcript (hardware
+/// SHA-256 on current x86 and ARM CPUs) instead of SHA-384, which is most
+/// of a resumed handshake's hashing. As a server we follow the client's
+/// order, so a peer that prefers AES-256 gets it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| {
+        let version = match suite {
+            rustls::SupportedCipherSuite::Tls13(_) => 0,
+            _ => 1,
+        };
+        (version, suite_rank(suite.suite()))
+    });
+    Arc::new(provider)
+}
+
+/// Preference within one TLS version: AES-128-GCM, AES-256-GCM, the rest.
+fn suite_rank(suite: rustls::CipherSuite) -> u8 {
+    use rustls::CipherSuite as S;
+    match suite {
+        S::TLS13_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        S::TLS13_AES_256_GCM_SHA384
+        | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    }
 }
 
 fn versions(min_tls: MinTls) -> &'static [&'static SupportedProtocolVersion] {
@@ -114,4 +145,33 @@ pub fn client_config(settings: &TlsSettings) -> Result<Arc<ClientConfig>, TlsCon
         )));
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CipherSuite as S;
+
+    #[test]
+    fn aes_128_gcm_comes_first_and_no_suite_is_lost() {
+        let ours: Vec<S> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        let mut default: Vec<S> = rustls::crypto::aws_lc_rs::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            ours[..3],
+            [
+                S::TLS13_AES_128_GCM_SHA256,
+                S::TLS13_AES_256_GCM_SHA384,
+                S::TLS13_CHACHA20_POLY1305_SHA256
+            ]
+        );
+        assert_eq!(ours[3], S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|s| u16::from(*s));
+        default.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted, default);
+    }
 }

@@ -54,7 +54,7 @@ pub const MAX_TICKET_LIFETIME: Duration = Duration::from_secs(10 * 60);
 /// Tickets kept per upstream address on the client side. Each connection
 /// takes one and the server sends two more after every handshake, so a few
 /// cover many concurrent connections.
-const TICKETS_PER_UPSTREAM: usize = 8;
+const TICKETS_PER_UPSTREAM: usize = 32;
 
 /// Upstream addresses with their own session cache; past this, the caches
 /// are dropped and rebuilt (addresses churn only with DNS changes).

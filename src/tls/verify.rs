@@ -22,8 +22,9 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use super::chain_cache::ChainCache;
 use crate::identity::x509svid::{self, SvidRuleError};
-use crate::identity::{BundleSet, IdentityStore};
+use crate::identity::{BundleSet, Identity, IdentityStore};
 use crate::policy::{Decision, Policy};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -116,7 +117,30 @@ pub fn verify_svid_chain(
     role: PeerRole,
 ) -> Result<VerifiedPeer, VerifyError> {
     let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
-    verify_parts(leaf, intermediates, bundles, now, role)
+    verify_parts(leaf, intermediates, bundles, now, role).map(|(peer, _)| peer)
+}
+
+/// Chains verified recently, shared by every tunnel of the process (the
+/// result does not depend on the tunnel; its policy is applied apart).
+static VERIFIED_CHAINS: LazyLock<ChainCache> = LazyLock::new(ChainCache::default);
+
+/// [`verify_svid_chain`] against `identity`'s bundles, reusing the result
+/// of an earlier verification of the same chain bytes under the same
+/// identity snapshot while every certificate in it is still within its
+/// validity (see [`super::chain_cache`]).
+fn verify_remembered(
+    identity: &Arc<Identity>,
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    role: PeerRole,
+) -> Result<VerifiedPeer, VerifyError> {
+    if let Some(peer) = VERIFIED_CHAINS.get(identity, leaf, intermediates, role, now) {
+        return Ok(peer);
+    }
+    let (peer, window) = verify_parts(leaf, intermediates, &identity.bundles, now, role)?;
+    VERIFIED_CHAINS.insert(identity, leaf, intermediates, role, &peer, window);
+    Ok(peer)
 }
 
 fn verify_parts(
@@ -125,13 +149,19 @@ fn verify_parts(
     bundles: &BundleSet,
     now: UnixTime,
     role: PeerRole,
-) -> Result<VerifiedPeer, VerifyError> {
+) -> Result<(VerifiedPeer, (i64, i64)), VerifyError> {
     let facts = x509svid::check_leaf(leaf).map_err(VerifyError::Leaf)?;
+    // Where this result holds: inside every certificate's validity.
+    let mut window = (facts.not_before, facts.not_after);
     for (i, signer) in intermediates.iter().enumerate() {
-        x509svid::check_signer(signer).map_err(|source| VerifyError::Signer {
+        let validity = x509svid::check_signer(signer).map_err(|source| VerifyError::Signer {
             index: i + 1,
             source,
         })?;
+        window = (
+            window.0.max(validity.not_before),
+            window.1.min(validity.not_after),
+        );
     }
     let trust_domain: &TrustDomain = facts.id.trust_domain();
     let bundle = bundles
@@ -168,11 +198,12 @@ fn verify_parts(
             .or_else(|_| check(webpki::KeyUsage::client_auth())),
     }
     .map_err(|e| untrusted(describe(&e)))?;
-    Ok(VerifiedPeer {
+    let peer = VerifiedPeer {
         id: facts.id,
         serial: facts.serial,
         not_after: facts.not_after,
-    })
+    };
+    Ok((peer, window))
 }
 
 /// A readable reason for a webpki error.
@@ -246,7 +277,7 @@ impl SpiffeVerifier {
             .store
             .load()
             .ok_or_else(|| VerifyError::NoIdentity.into_rustls())?;
-        let peer = verify_parts(leaf, intermediates, &identity.bundles, now, self.role)
+        let peer = verify_remembered(&identity, leaf, intermediates, now, self.role)
             .map_err(VerifyError::into_rustls)?;
         authorize(&self.policy.load(), &peer.id).map_err(VerifyError::into_rustls)
     }
@@ -362,9 +393,11 @@ pub fn authorize_session(
         .ok_or(VerifyError::NoCertificate)?;
     let peer = if resumed {
         let identity = store.load().ok_or(VerifyError::NoIdentity)?;
-        verify_svid_chain(
-            chain,
-            &identity.bundles,
+        let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
+        verify_remembered(
+            &identity,
+            leaf,
+            intermediates,
             to_unix_time(SystemTime::now()),
             role,
         )?
