@@ -1,8 +1,9 @@
-//! The copy loop: `proxy::copy::pipe` (tokio's bidirectional copy with
+//! The copy loop: `proxy::copy::pipe` (our bidirectional copy with lazy
 //! 16 KiB buffers, byte counting, idle tracking and cancellation) moving
-//! 16 MiB one way over in-memory duplex streams, against tokio's plain
-//! `copy_bidirectional_with_sizes` with the same buffers, to show what the
-//! metering costs. No sockets and no TLS: this is the loop's own overhead,
+//! 16 MiB one way over in-memory duplex streams, against tokio's
+//! `copy_bidirectional_with_sizes` with the same buffer size (what `pipe`
+//! used before its buffers became lazy), to show what metering and lazy
+//! buffers cost. No sockets and no TLS: this is the loop's own overhead,
 //! an upper bound far above what loopback TCP plus TLS allow.
 //!
 //! Run: `cargo bench --bench copy`
