@@ -343,10 +343,23 @@ def cmd_report(args):
         else:
             verdict = "PASS" if ratio <= target else "MISS"
         target_text = "-" if target is None else (f">= {target}x" if higher else f"<= {target}x")
+        # The same ratio within each run (chains measured minutes apart, not
+        # tens of minutes), to show how much the machine moved.
+        per_run = []
+        for run in sorted({s["run"] for s in samples}):
+            at = {c: [s["value"] for s in samples if s["chain"] == c and s["figure"] == key
+                      and s["run"] == run and s["value"] is not None] for c in PEERS + [OURS]}
+            run_peers = [v[0] for p, v in at.items() if p != OURS and v]
+            if at[OURS] and run_peers:
+                run_best = max(run_peers) if higher else min(run_peers)
+                if run_best:
+                    per_run.append(at[OURS][0] / run_best)
         rows.append([label] + [fmt(med[c], key) for c in chains]
-                    + ["-" if ratio is None else f"{ratio:.2f}x", target_text, verdict])
+                    + ["-" if ratio is None else f"{ratio:.2f}x", target_text, verdict,
+                       " ".join(f"{r:.2f}" for r in per_run) or "-"])
         summary[key] = {"label": label, "higher_is_better": higher, "medians": med,
-                        "best_peer": best, "ratio": ratio, "target": target, "result": verdict}
+                        "best_peer": best, "ratio": ratio, "target": target, "result": verdict,
+                        "ratio_per_run": per_run}
 
     # SVID rotation: spiffe-tunnel against itself.
     still = median(values("spiffe-tunnel/no-rotation", "tput1"))
@@ -359,7 +372,7 @@ def cmd_report(args):
                            "ratio": rot_ratio, "target": 0.95, "result": rot_verdict,
                            "rotations_seen_per_run": rotations}
 
-    header = ["figure", "direct"] + PEERS + [OURS, "ratio", "target", "result"]
+    header = ["figure", "direct"] + PEERS + [OURS, "ratio", "target", "result", "ratio per run"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
 
     def line(cells):
@@ -385,7 +398,8 @@ def cmd_report(args):
         out.append(line(r))
     out.append("")
     out.append("direct = client straight to the backend (no proxy), for reference; ratio = "
-               "spiffe-tunnel / best peer (memory, latency: lower is better, so <= targets)")
+               "spiffe-tunnel / best peer (memory, latency: lower is better, so <= targets), "
+               "from the medians; ratio per run = the same within each run")
     rot_seen = ", ".join(str(int(r)) for r in rotations) if rotations else "-"
     out.append(
         f"SVID rotation every 1 s (spiffe-tunnel, dev agent --ttl 2s, iperf3 1 stream): "

@@ -26,6 +26,14 @@
 //! stream and errors free it too. Live buffers are counted in
 //! [`super::copy::buffers_in_use`].
 //!
+//! Reading ahead only pays when data is streaming. For small messages
+//! (requests and responses of a few hundred bytes, the keep-alive case) a
+//! read-ahead buffer would be allocated and freed for every message, and
+//! measured slower than reading straight into rustls. So the reader adapts:
+//! it reads straight into the caller's buffer until such a read fills it
+//! completely (more was waiting than the caller could take: bulk data),
+//! then reads ahead until a read comes back short or the socket goes quiet.
+//!
 //! Writes pass straight through: rustls already hands the socket whole
 //! records.
 
@@ -56,6 +64,9 @@ pub struct ReadAhead<T> {
     pos: usize,
     /// The read that filled `buf` did not fill it.
     short: bool,
+    /// Data is streaming: read ahead. Off until a direct read fills the
+    /// caller's buffer; off again after a short fill or a quiet socket.
+    bulk: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -65,6 +76,7 @@ impl<T> ReadAhead<T> {
             buf: None,
             pos: 0,
             short: false,
+            bulk: false,
         }
     }
 
@@ -143,6 +155,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             this.buf = None;
             return Pin::new(&mut this.inner).poll_read(cx, out);
         }
+        // Not streaming (yet): straight to the caller, no buffer of ours.
+        if !this.bulk {
+            this.buf = None;
+            let (before, wanted) = (out.filled().len(), out.remaining());
+            let poll = Pin::new(&mut this.inner).poll_read(cx, out);
+            if let Poll::Ready(Ok(())) = poll {
+                this.bulk = out.filled().len() - before == wanted;
+            }
+            return poll;
+        }
         let buf = this
             .buf
             .get_or_insert_with(|| Buffer::new(READ_AHEAD, None));
@@ -157,6 +179,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             }
             Poll::Ready(Ok(n)) => {
                 this.short = n < READ_AHEAD;
+                this.bulk = !this.short;
                 this.serve(out);
                 Poll::Ready(Ok(()))
             }
@@ -168,6 +191,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
                 // Drained and the socket is empty: idle, so the memory
                 // goes. (A pending read put nothing into the buffer.)
                 this.buf = None;
+                this.bulk = false;
                 Poll::Pending
             }
         }
@@ -326,11 +350,14 @@ mod tests {
     fn a_large_read_after_small_ones_gets_the_buffered_bytes_first() {
         let stream = random_bytes(31, 200_000);
         let mut r = ReadAhead::new(Script::new([Step::Data(stream.clone())]));
+        // The first read goes straight to the caller; it comes back full,
+        // so the next one reads ahead.
         let mut got = data(read_once(&mut r, 100));
-        assert_eq!(r.get_ref().offered, [READ_AHEAD], "one read-ahead");
+        got.extend(data(read_once(&mut r, 100)));
+        assert_eq!(r.get_ref().offered, [100, READ_AHEAD], "one read-ahead");
         // The rest of the read-ahead comes first, even to a big reader...
         got.extend(data(read_once(&mut r, 2 * READ_AHEAD)));
-        assert_eq!(got.len(), READ_AHEAD);
+        assert_eq!(got.len(), 100 + READ_AHEAD);
         // ...and only then the stream again, directly.
         got.extend(data(read_once(&mut r, 2 * READ_AHEAD)));
         got.extend(data(read_once(&mut r, 2 * READ_AHEAD)));
@@ -343,23 +370,25 @@ mod tests {
 
     #[test]
     fn a_full_buffer_is_kept_until_the_socket_goes_quiet() {
-        let stream = random_bytes(32, READ_AHEAD * 2);
+        let stream = random_bytes(32, 4096 + READ_AHEAD * 2);
         let mut r = ReadAhead::new(Script::new([
-            Step::Data(stream[..READ_AHEAD].to_vec()),
-            Step::Data(stream[READ_AHEAD..].to_vec()),
+            Step::Data(stream[..4096 + READ_AHEAD].to_vec()),
+            Step::Data(stream[4096 + READ_AHEAD..].to_vec()),
             Step::Pending,
         ]));
-        let mut got = Vec::new();
-        while got.len() < READ_AHEAD {
+        // A full direct read first: data is streaming.
+        let mut got = data(read_once(&mut r, 4096));
+        assert!(!r.holds_buffer());
+        while got.len() < 4096 + READ_AHEAD {
             got.extend(data(read_once(&mut r, 4096)));
         }
         // Drained, but it was full: more is probably coming, keep it.
         assert!(r.holds_buffer());
-        while got.len() < 2 * READ_AHEAD {
+        while got.len() < 4096 + 2 * READ_AHEAD {
             got.extend(data(read_once(&mut r, 4096)));
             assert!(r.holds_buffer(), "bulk data must not reallocate");
         }
-        assert_eq!(r.get_ref().offered, [READ_AHEAD, READ_AHEAD]);
+        assert_eq!(r.get_ref().offered, [4096, READ_AHEAD, READ_AHEAD]);
         assert!(read_once(&mut r, 4096).is_pending());
         assert!(!r.holds_buffer(), "an idle reader keeps its buffer");
         assert!(got == stream);
@@ -367,13 +396,18 @@ mod tests {
 
     #[test]
     fn a_short_fill_is_freed_once_drained() {
-        let mut r = ReadAhead::new(Script::new([Step::Data(b"0123456789".to_vec())]));
-        assert_eq!(data(read_once(&mut r, 4)), b"0123");
+        let mut r = ReadAhead::new(Script::new([Step::Data(b"0123456789abc".to_vec())]));
+        // A full direct read, so the next one reads ahead.
+        assert_eq!(data(read_once(&mut r, 3)), b"012");
+        assert_eq!(data(read_once(&mut r, 4)), b"3456");
         assert!(r.holds_buffer(), "bytes still waiting");
-        assert_eq!(data(read_once(&mut r, 4096)), b"456789");
+        assert_eq!(data(read_once(&mut r, 4096)), b"789abc");
         // Nothing more read from the socket, yet nothing held either.
         assert!(!r.holds_buffer());
-        assert_eq!(r.get_ref().offered, [READ_AHEAD]);
+        assert_eq!(r.get_ref().offered, [3, READ_AHEAD]);
+        // And the short fill ended streaming: the next read is direct.
+        assert!(data(read_once(&mut r, 4096)).is_empty(), "end of stream");
+        assert_eq!(r.get_ref().offered, [3, READ_AHEAD, 4096]);
     }
 
     #[test]
@@ -408,7 +442,9 @@ mod tests {
     fn a_held_buffer_is_counted() {
         let mut r = ReadAhead::new(Script::new([Step::Data(vec![7; 100]), Step::Pending]));
         assert!(!r.holds_buffer(), "a new reader holds a buffer");
-        assert_eq!(data(read_once(&mut r, 10)).len(), 10);
+        assert_eq!(data(read_once(&mut r, 5)).len(), 5);
+        assert!(!r.holds_buffer(), "a direct read took a buffer");
+        assert_eq!(data(read_once(&mut r, 5)).len(), 5);
         assert!(r.holds_buffer());
         // Other tests run in parallel and hold buffers of their own; ours
         // is in the count while we hold it.
@@ -677,7 +713,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_16k_record_costs_one_socket_read_instead_of_five() {
+    async fn a_16k_record_costs_two_socket_reads_instead_of_five() {
         let without = ping_pong(|socket| socket, 100).await;
         let with = ping_pong(ReadAhead::new, 100).await;
         // rustls alone reads a record that finds its buffer empty in 4 KiB
@@ -687,7 +723,9 @@ mod tests {
             "{without} reads without read-ahead: if rustls now reads whole \
              records itself, ReadAhead may have become unnecessary"
         );
-        assert!(with < 2 * 100, "{with} reads with read-ahead");
+        // With it: one direct 4 KiB read that comes back full, then one
+        // read-ahead for the rest of the record.
+        assert!(with <= 2 * 100, "{with} reads with read-ahead");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
