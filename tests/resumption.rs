@@ -73,6 +73,11 @@ struct Pair {
 
 impl Pair {
     async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// With `server_tables` (TOML) ahead of the inbound's tunnel.
+    async fn start_with(server_tables: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let ca = Ca::new("example.org");
         let target = Target::start(TargetMode::Echo).await;
@@ -84,7 +89,7 @@ impl Pair {
             &ca,
             API,
             &format!(
-                "[[inbound]]\nname = \"api\"\nlisten = \"{in_addr}\"\ntarget = \"{}\"\npolicy = {:?}\n",
+                "{server_tables}[[inbound]]\nname = \"api\"\nlisten = \"{in_addr}\"\ntarget = \"{}\"\npolicy = {:?}\n",
                 target.addr,
                 policy.display().to_string()
             ),
@@ -308,29 +313,8 @@ async fn no_ticket_survives_a_rotation_of_the_server_svid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_resumption_can_be_turned_off() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("example.org");
-    let target = Target::start(TargetMode::Echo).await;
-    let (in_addr, out_addr) = (free_addr(), free_addr());
-    let server = node(
-        &tmp.path().join("in"),
-        &ca,
-        API,
-        &format!(
-            "[defaults]\nsession_resumption = false\n[[inbound]]\nname = \"api\"\nlisten = \"{in_addr}\"\ntarget = \"{}\"\nallow = [\"{WEB}\"]\n",
-            target.addr
-        ),
-    )
-    .await;
-    let client = node(
-        &tmp.path().join("out"),
-        &ca,
-        WEB,
-        &format!(
-            "[[outbound]]\nname = \"api\"\nlisten = \"{out_addr}\"\nupstreams = [\"{in_addr}\"]\nallow = [\"{API}\"]\n"
-        ),
-    )
-    .await;
+    let pair = Pair::start_with("[defaults]\nsession_resumption = false\n").await;
+    let (out_addr, server, client) = (pair.outbound_addr, &pair.server, &pair.client);
     for _ in 0..4 {
         assert_eq!(roundtrip(out_addr, b"x").await.unwrap(), b"x");
     }

@@ -91,6 +91,27 @@ pub(crate) struct IssuedSvid {
 }
 
 impl Ca {
+    /// For tests elsewhere in the crate: an identity holding one fresh SVID
+    /// for `id` (valid for `ttl`) and this CA as the bundle of its trust
+    /// domain.
+    #[cfg(test)]
+    pub(crate) fn identity_for(&self, id: &str, ttl: Duration) -> crate::identity::Identity {
+        use crate::identity::{BundleSet, Identity, Svid, TrustBundle};
+        use rustls_pki_types::PrivatePkcs8KeyDer;
+        let id = crate::spiffe_id::parse_workload_id(id).unwrap();
+        let issued = self.issue(&id, SystemTime::now(), ttl).unwrap();
+        let svid = Svid::from_der(
+            vec![issued.cert.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.key_pkcs8.clone())),
+            &rustls::crypto::aws_lc_rs::default_provider(),
+        )
+        .unwrap();
+        let mut bundles = BundleSet::new();
+        bundles
+            .insert(TrustBundle::new(id.trust_domain().clone(), vec![self.der.clone()]).unwrap());
+        Identity::new(vec![svid], bundles, SystemTime::now()).unwrap()
+    }
+
     /// A fresh P-256 root CA for `trust_domain`, valid for `ttl` from `now`.
     pub(crate) fn generate(
         trust_domain: &TrustDomain,

@@ -131,29 +131,11 @@ impl ChainCache {
 mod tests {
     use super::*;
     use crate::agent::ca::Ca;
-    use crate::identity::{BundleSet, Svid, TrustBundle};
     use crate::spiffe_id::{parse_trust_domain, parse_workload_id};
-    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     fn identity(ca: &Ca) -> Identity {
-        let issued = ca
-            .issue(
-                &parse_workload_id("spiffe://example.org/api").unwrap(),
-                SystemTime::now(),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let svid = Svid::from_der(
-            vec![issued.cert.clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.key_pkcs8.clone())),
-            &rustls::crypto::aws_lc_rs::default_provider(),
-        )
-        .unwrap();
-        let mut bundles = BundleSet::new();
-        let td = parse_trust_domain("example.org").unwrap();
-        bundles.insert(TrustBundle::new(td, vec![ca.der.clone()]).unwrap());
-        Identity::new(vec![svid], bundles, SystemTime::now()).unwrap()
+        ca.identity_for("spiffe://example.org/api", Duration::from_secs(3600))
     }
 
     fn at(secs: i64) -> UnixTime {

@@ -367,12 +367,10 @@ mod tests {
     use super::*;
     use crate::agent::ca::Ca;
     use crate::config::MinTls;
-    use crate::identity::{BundleSet, Identity, Svid, TrustBundle};
     use crate::policy::{parse_rule, Policy};
-    use crate::spiffe_id::{parse_trust_domain, parse_workload_id};
+    use crate::spiffe_id::parse_trust_domain;
     use crate::tls::config::{client_config, server_config, TlsSettings};
     use rustls::{ClientConnection, HandshakeKind, ServerConnection};
-    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
     const WEB: &str = "spiffe://example.org/web";
     const API: &str = "spiffe://example.org/api";
@@ -384,19 +382,7 @@ mod tests {
 
     /// Publishes a fresh SVID for `id`, valid for `ttl`, into `store`.
     fn publish(store: &IdentityStore, ca: &Ca, id: &str, ttl: Duration) {
-        let issued = ca
-            .issue(&parse_workload_id(id).unwrap(), SystemTime::now(), ttl)
-            .unwrap();
-        let svid = Svid::from_der(
-            vec![issued.cert.clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.key_pkcs8.clone())),
-            &rustls::crypto::aws_lc_rs::default_provider(),
-        )
-        .unwrap();
-        let td = parse_trust_domain("example.org").unwrap();
-        let mut bundles = BundleSet::new();
-        bundles.insert(TrustBundle::new(td, vec![ca.der.clone()]).unwrap());
-        store.publish(Identity::new(vec![svid], bundles, SystemTime::now()).unwrap());
+        store.publish(ca.identity_for(id, ttl));
     }
 
     fn issuer_with_svid(ttl: Duration) -> (Arc<IdentityStore>, Ca, TicketIssuer) {
