@@ -144,11 +144,12 @@ fn policy_summary(spec: &PolicySpec) -> Result<String, String> {
 
 fn settings_summary(s: &TunnelSettings) -> String {
     format!(
-        "TLS {}; handshake timeout {}, connect timeout {}, idle timeout {}, max {} connections, drain {}",
+        "TLS {}, session resumption {}; handshake timeout {}, connect timeout {}, idle timeout {}, max {} connections, drain {}",
         match s.min_tls {
             MinTls::Tls13 => "1.3 only",
             MinTls::Tls12 => "1.2 and 1.3",
         },
+        if s.session_resumption { "on" } else { "off" },
         humantime::format_duration(s.handshake_timeout),
         humantime::format_duration(s.connect_timeout),
         humantime::format_duration(s.idle_timeout),

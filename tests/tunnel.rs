@@ -467,6 +467,10 @@ fn check_accepts_a_valid_config_and_refuses_a_malformed_policy_by_line() {
     assert!(stdout.contains("configuration is valid"), "{stdout}");
     assert!(stdout.contains("SVID spiffe://example.org/api"), "{stdout}");
     assert!(stdout.contains("2 rule(s)"), "{stdout}");
+    assert!(
+        stdout.contains("TLS 1.3 only, session resumption on"),
+        "{stdout}"
+    );
 
     std::fs::write(
         &policy,
