@@ -29,6 +29,14 @@
 //! TLS 1.2 sessions are not resumed on the client side; TLS 1.2 clients of
 //! an inbound may resume with tickets under the same rules.
 //!
+//! A resumed session issues new tickets that carry the certificates of the
+//! session's first full handshake, so a client that keeps resuming keeps
+//! the server certificate it saw then, and the server keeps the client's.
+//! The key change at every identity change of ours ends such a chain at the
+//! latest one rotation later; until then the re-verification on every
+//! connection refuses a chain whose certificate expired (and an outbound
+//! then retries with a full handshake, as above).
+//!
 //! [`authorize_session`]: super::verify::authorize_session
 
 use std::collections::{HashMap, VecDeque};
