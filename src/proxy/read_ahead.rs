@@ -62,10 +62,9 @@ pub struct ReadAhead<T> {
     /// while idle.
     buf: Option<Buffer<'static>>,
     pos: usize,
-    /// The read that filled `buf` did not fill it.
-    short: bool,
     /// Data is streaming: read ahead. Off until a direct read fills the
-    /// caller's buffer; off again after a short fill or a quiet socket.
+    /// caller's buffer; off again after a short fill (so while `buf` holds
+    /// bytes, this says whether its fill was full) or a quiet socket.
     bulk: bool,
 }
 
@@ -75,7 +74,6 @@ impl<T> ReadAhead<T> {
             inner,
             buf: None,
             pos: 0,
-            short: false,
             bulk: false,
         }
     }
@@ -112,7 +110,7 @@ impl<T> ReadAhead<T> {
         self.pos += n;
         if self.pos == buf.bytes.len() {
             self.pos = 0;
-            if self.short {
+            if !self.bulk {
                 self.buf = None;
             } else {
                 buf.bytes.clear();
@@ -178,8 +176,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Ok(n)) => {
-                this.short = n < READ_AHEAD;
-                this.bulk = !this.short;
+                this.bulk = n == READ_AHEAD;
                 this.serve(out);
                 Poll::Ready(Ok(()))
             }
