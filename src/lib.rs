@@ -27,3 +27,4 @@ pub mod runtime;
 pub mod spiffe_id;
 pub mod timefmt;
 pub mod tls;
+mod write_through;
