@@ -114,6 +114,29 @@ def group_usage(pgids):
     return rss, threads, procs
 
 
+def group_cpu_seconds(pgids):
+    """User plus system CPU seconds used so far by every live process whose
+    process group is one of pgids (all threads, exited ones included)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) not in pgids:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cmd_cpu(args):
+    print(f"{group_cpu_seconds(set(args.pgid)):.3f}")
+    return 0
+
+
 def raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -294,7 +317,37 @@ FIGURES = [
     ("ka_p50_ms", "keep-alive p50 latency (ms)", False, None),
     ("ka_p99_ms", "keep-alive p99 latency (ms)", False, 1.0),
     ("mem_kib", "memory per idle connection (KiB, both ends)", False, 0.5),
+    ("cost_tput1", "CPU s per GB moved, 1 stream (both ends)", False, None),
+    ("cost_tput4", "CPU s per GB moved, 4 streams", False, None),
+    ("cost_close", "CPU us per new connection", False, None),
+    ("cost_keepalive", "CPU us per keep-alive request", False, None),
 ]
+
+
+def cost_samples(samples, duration):
+    """What each measurement cost the chain's two proxies in CPU: the
+    cpu_<figure> samples divided by the gigabytes moved or the requests
+    served in the same measurement."""
+    by_key = {(s["run"], s["chain"], s["figure"]): s for s in samples}
+    out = []
+    for (run, chain, figure), s in by_key.items():
+        if not figure.startswith("cpu_") or s["value"] is None:
+            continue
+        kind = figure[4:]
+        measured = by_key.get((run, chain, {"close": "conn_rate", "keepalive": "ka_rps"}
+                               .get(kind, kind)))
+        if not measured or not measured["value"]:
+            continue
+        raw = measured.get("raw") or {}
+        if kind in ("tput1", "tput4"):
+            gigabytes = measured["value"] * (raw.get("seconds") or duration) / 8
+            value = s["value"] / gigabytes
+        else:
+            requests = raw.get("requests") or measured["value"] * duration
+            value = s["value"] * 1e6 / requests
+        out.append({"run": run, "chain": chain, "figure": f"cost_{kind}", "value": value,
+                     "raw": None})
+    return out
 
 
 def median(values):
@@ -309,8 +362,10 @@ def fmt(v, figure=None):
         return f"{v:.2f}"
     if figure in ("ka_p50_ms", "ka_p99_ms"):
         return f"{v:.3f}"
-    if figure == "mem_kib":
+    if figure in ("mem_kib", "cost_close", "cost_keepalive"):
         return f"{v:.1f}"
+    if figure in ("cost_tput1", "cost_tput4"):
+        return f"{v:.2f}"
     return f"{v:,.0f}"
 
 
@@ -323,6 +378,7 @@ def cmd_report(args):
                 samples.append(json.loads(line))
     with open(args.meta) as f:
         meta = json.load(f)
+    samples += cost_samples(samples, meta["duration"])
 
     def values(chain, figure):
         return [s["value"] for s in samples if s["chain"] == chain and s["figure"] == figure]
@@ -343,8 +399,8 @@ def cmd_report(args):
         else:
             verdict = "PASS" if ratio <= target else "MISS"
         target_text = "-" if target is None else (f">= {target}x" if higher else f"<= {target}x")
-        # The same ratio within each run (chains measured minutes apart, not
-        # tens of minutes), to show how much the machine moved.
+        # The same ratio within each run (where the chains were measured
+        # back to back), to show how much the machine moved between runs.
         per_run = []
         for run in sorted({s["run"] for s in samples}):
             at = {c: [s["value"] for s in samples if s["chain"] == c and s["figure"] == key
@@ -399,7 +455,8 @@ def cmd_report(args):
     out.append("")
     out.append("direct = client straight to the backend (no proxy), for reference; ratio = "
                "spiffe-tunnel / best peer (memory, latency: lower is better, so <= targets), "
-               "from the medians; ratio per run = the same within each run")
+               "from the medians; ratio per run = the same within each run (chains measured "
+               "back to back); CPU = user + system time of both proxies during the measurement")
     rot_seen = ", ".join(str(int(r)) for r in rotations) if rotations else "-"
     out.append(
         f"SVID rotation every 1 s (spiffe-tunnel, dev agent --ttl 2s, iperf3 1 stream): "
@@ -485,6 +542,10 @@ def main():
     s.add_argument("--settle", type=float, default=2.0)
     s.add_argument("--concurrency", type=int, default=50)
     s.set_defaults(fn=cmd_idle)
+
+    s = sub.add_parser("cpu")
+    s.add_argument("--pgid", type=int, action="append", required=True)
+    s.set_defaults(fn=cmd_cpu)
 
     s = sub.add_parser("sample")
     s.add_argument("--run", type=int, required=True)
