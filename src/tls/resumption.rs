@@ -60,9 +60,12 @@ use crate::spiffe_id::SpiffeId;
 pub const MAX_TICKET_LIFETIME: Duration = Duration::from_secs(10 * 60);
 
 /// Tickets kept per upstream address on the client side. Each connection
-/// takes one and the server sends two more after every handshake, so a few
-/// cover many concurrent connections.
-const TICKETS_PER_UPSTREAM: usize = 32;
+/// takes one and its handshake brings one back, a round trip later: the
+/// pool must hold one per connection started within that round trip, so
+/// it is sized for bursts of many concurrent connections (with 32, wrk's
+/// 64 connections in lockstep made one handshake in seven a full one). It
+/// only fills that far when such bursts happen, at about 2 KiB a ticket.
+const TICKETS_PER_UPSTREAM: usize = 256;
 
 /// Upstream addresses with their own session cache; past this, the caches
 /// are dropped and rebuilt (addresses churn only with DNS changes).
@@ -500,8 +503,18 @@ mod tests {
 
     /// A handshake in memory, with the server's tickets delivered.
     fn handshake(client: &Arc<ClientConfig>, server: &Arc<rustls::ServerConfig>) -> HandshakeKind {
+        finish(start(client), server)
+    }
+
+    /// A client connection whose ClientHello is written: it has taken its
+    /// ticket, if there was one.
+    fn start(client: &Arc<ClientConfig>) -> ClientConnection {
         let name = ServerName::try_from("api.test").unwrap();
-        let mut c = ClientConnection::new(Arc::clone(client), name).unwrap();
+        ClientConnection::new(Arc::clone(client), name).unwrap()
+    }
+
+    /// Completes a started handshake, with the server's tickets delivered.
+    fn finish(mut c: ClientConnection, server: &Arc<rustls::ServerConfig>) -> HandshakeKind {
         let mut s = ServerConnection::new(Arc::clone(server)).unwrap();
         for _ in 0..8 {
             let mut wire = Vec::new();
@@ -548,6 +561,42 @@ mod tests {
         ends.sessions.forget(a);
         assert_eq!(handshake(&to_a, &ends.server), HandshakeKind::Full);
         assert_eq!(handshake(&to_b, &ends.server), HandshakeKind::Resumed);
+    }
+
+    /// Each handshake brings one ticket back, and the client keeps enough
+    /// of them for a burst of concurrent connections: the burst after a
+    /// burst of the same size resumes in full.
+    #[test]
+    fn one_ticket_per_handshake_and_enough_kept_for_a_burst() {
+        let ends = ends();
+        let to_a = ends.sessions.config_for("127.0.0.1:1001".parse().unwrap());
+        assert_eq!(handshake(&to_a, &ends.server), HandshakeKind::Full);
+        let (first, second) = (start(&to_a), start(&to_a));
+        assert_eq!(finish(first, &ends.server), HandshakeKind::Resumed);
+        assert_eq!(
+            finish(second, &ends.server),
+            HandshakeKind::Full,
+            "more than one ticket per handshake"
+        );
+
+        // wrk's 64 connections in lockstep, and more: all start before any
+        // finishes, as when every connection of a pool reconnects at once.
+        for burst in [64, 200] {
+            let started: Vec<_> = (0..burst).map(|_| start(&to_a)).collect();
+            let kinds: Vec<_> = started
+                .into_iter()
+                .map(|c| finish(c, &ends.server))
+                .collect();
+            assert!(kinds.contains(&HandshakeKind::Full), "burst of {burst}");
+            let started: Vec<_> = (0..burst).map(|_| start(&to_a)).collect();
+            for c in started {
+                assert_eq!(
+                    finish(c, &ends.server),
+                    HandshakeKind::Resumed,
+                    "second burst of {burst}"
+                );
+            }
+        }
     }
 
     #[test]
