@@ -89,22 +89,30 @@ def cmd_metric(args):
 # Memory per idle tunnelled connection
 
 
-def group_usage(pgids):
-    """(RSS KiB, threads, processes) summed over every live process whose
-    process group is one of pgids: all workers of every proxy instance."""
-    rss = threads = procs = 0
+def group_processes(pgids):
+    """(pid, fields of /proc/PID/stat after the command name) of every live
+    process whose process group is one of pgids: all workers of every proxy
+    instance."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            state, pgrp = fields[0], int(fields[2])
-            if pgrp not in pgids or state == "Z":
-                continue
-            with open(f"/proc/{entry}/status") as f:
-                status = f.read()
+            if int(fields[2]) in pgids and fields[0] != "Z":
+                yield entry, fields
         except (OSError, IndexError, ValueError):
+            continue
+
+
+def group_usage(pgids):
+    """(RSS KiB, threads, processes) summed over the process groups pgids."""
+    rss = threads = procs = 0
+    for pid, _ in group_processes(pgids):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+        except OSError:
             continue
         m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
         t = re.search(r"^Threads:\s+(\d+)", status, re.M)
@@ -115,20 +123,9 @@ def group_usage(pgids):
 
 
 def group_cpu_seconds(pgids):
-    """User plus system CPU seconds used so far by every live process whose
-    process group is one of pgids (all threads, exited ones included)."""
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) not in pgids:
-                continue
-            ticks += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            continue
+    """User plus system CPU seconds used so far by the process groups pgids
+    (all threads, exited ones included)."""
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in group_processes(pgids))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
