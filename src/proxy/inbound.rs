@@ -13,8 +13,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, field, info_span, Instrument, Span};
+use tracing::{debug, Instrument};
 
+use super::conn_span::ConnSpan;
 use super::proxy_protocol::{cipher_name, tls_version_name, ProxyHeader};
 use super::read_ahead::ReadAhead;
 use super::registry::Registration;
@@ -56,16 +57,12 @@ impl Inbound {
         client: SocketAddr,
         permit: OwnedSemaphorePermit,
     ) {
-        let span = info_span!(
-            "conn",
-            tunnel = %self.tunnel.name,
-            kind = "inbound",
-            client = %client,
-            peer_id = field::Empty,
-        );
+        let live = self.tunnel.access_log || tracing::enabled!(tracing::Level::DEBUG);
+        let mut span = ConnSpan::new(live, &self.tunnel.name, "inbound", client);
         let (registration, close) = self.tunnel.register(client);
-        self.connection(tcp, permit, &registration, &close)
-            .instrument(span)
+        let live = span.live();
+        self.connection(tcp, permit, &registration, &close, &mut span)
+            .instrument(live)
             .await;
     }
 
@@ -75,10 +72,13 @@ impl Inbound {
         _permit: OwnedSemaphorePermit,
         registration: &Registration,
         close: &CancellationToken,
+        span: &mut ConnSpan<'_>,
     ) {
         let t = &self.tunnel;
         if t.resolver.current().is_none() {
-            t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
+            span.in_scope(|| {
+                t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present")
+            });
             return;
         }
 
@@ -94,13 +94,15 @@ impl Inbound {
             }
             Ok(Ok(_)) => {}
             Err(_) => {
-                t.refuse(
-                    ConnResult::handshake_error,
-                    &format_args!(
-                        "handshake timed out after {:?} (the client sent nothing)",
-                        t.settings.handshake_timeout
-                    ),
-                );
+                span.in_scope(|| {
+                    t.refuse(
+                        ConnResult::handshake_error,
+                        &format_args!(
+                            "handshake timed out after {:?} (the client sent nothing)",
+                            t.settings.handshake_timeout
+                        ),
+                    )
+                });
                 return;
             }
         }
@@ -115,18 +117,20 @@ impl Inbound {
         let mut tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                let (result, reason) = classify_handshake_error(&e);
-                t.refuse(result, &reason);
+                let (result, reason) = classify_handshake_error(&e, span);
+                span.in_scope(|| t.refuse(result, &reason));
                 return;
             }
             Err(_) => {
-                t.refuse(
-                    ConnResult::handshake_error,
-                    &format_args!(
-                        "handshake timed out after {:?}",
-                        t.settings.handshake_timeout
-                    ),
-                );
+                span.in_scope(|| {
+                    t.refuse(
+                        ConnResult::handshake_error,
+                        &format_args!(
+                            "handshake timed out after {:?}",
+                            t.settings.handshake_timeout
+                        ),
+                    )
+                });
                 return;
             }
         };
@@ -148,11 +152,11 @@ impl Inbound {
                 } else {
                     ConnResult::handshake_error
                 };
-                t.refuse(result, &e);
+                span.in_scope(|| t.refuse(result, &e));
                 return;
             }
         };
-        Span::current().record("peer_id", field::display(&peer.id));
+        span.set_peer(&peer.id);
         debug!(resumed, "peer authorized");
         let proxy_header = self.config.proxy_protocol.then(|| {
             let (socket, session) = tls.get_ref();
@@ -184,17 +188,28 @@ impl Inbound {
                 {
                     Ok(Ok(target)) => {
                         let _ = target.set_nodelay(true);
-                        self.forward(&mut tls, target, proxy_header.as_deref(), &peer, close)
-                            .await;
+                        self.forward(
+                            &mut tls,
+                            target,
+                            proxy_header.as_deref(),
+                            &peer,
+                            close,
+                            span,
+                        )
+                        .await;
                     }
-                    Ok(Err(e)) => t.refuse(
-                        ConnResult::upstream_error,
-                        &format_args!("target {addr}: {e}"),
-                    ),
-                    Err(_) => t.refuse(
-                        ConnResult::upstream_error,
-                        &format_args!("target {addr}: connect timed out"),
-                    ),
+                    Ok(Err(e)) => span.in_scope(|| {
+                        t.refuse(
+                            ConnResult::upstream_error,
+                            &format_args!("target {addr}: {e}"),
+                        )
+                    }),
+                    Err(_) => span.in_scope(|| {
+                        t.refuse(
+                            ConnResult::upstream_error,
+                            &format_args!("target {addr}: connect timed out"),
+                        )
+                    }),
                 }
             }
             Target::Unix(path) => {
@@ -202,17 +217,28 @@ impl Inbound {
                     .await
                 {
                     Ok(Ok(target)) => {
-                        self.forward(&mut tls, target, proxy_header.as_deref(), &peer, close)
-                            .await
+                        self.forward(
+                            &mut tls,
+                            target,
+                            proxy_header.as_deref(),
+                            &peer,
+                            close,
+                            span,
+                        )
+                        .await
                     }
-                    Ok(Err(e)) => t.refuse(
-                        ConnResult::upstream_error,
-                        &format_args!("target unix:{}: {e}", path.display()),
-                    ),
-                    Err(_) => t.refuse(
-                        ConnResult::upstream_error,
-                        &format_args!("target unix:{}: connect timed out", path.display()),
-                    ),
+                    Ok(Err(e)) => span.in_scope(|| {
+                        t.refuse(
+                            ConnResult::upstream_error,
+                            &format_args!("target unix:{}: {e}", path.display()),
+                        )
+                    }),
+                    Err(_) => span.in_scope(|| {
+                        t.refuse(
+                            ConnResult::upstream_error,
+                            &format_args!("target unix:{}: connect timed out", path.display()),
+                        )
+                    }),
                 }
             }
         }
@@ -227,16 +253,19 @@ impl Inbound {
         proxy_header: Option<&[u8]>,
         peer: &VerifiedPeer,
         close: &CancellationToken,
+        span: &ConnSpan<'_>,
     ) where
         C: AsyncRead + AsyncWrite + Unpin,
         S: AsyncRead + AsyncWrite + Unpin + AbortOnClose,
     {
         if let Some(header) = proxy_header {
             if let Err(e) = target.write_all(header).await {
-                self.tunnel.refuse(
-                    ConnResult::upstream_error,
-                    &format_args!("target closed before the PROXY header was written: {e}"),
-                );
+                span.in_scope(|| {
+                    self.tunnel.refuse(
+                        ConnResult::upstream_error,
+                        &format_args!("target closed before the PROXY header was written: {e}"),
+                    )
+                });
                 return;
             }
         }

@@ -7,6 +7,7 @@
 //! two directions share; [`inbound`] and [`outbound`] hold what differs.
 
 pub mod balance;
+pub mod conn_span;
 pub mod copy;
 pub mod inbound;
 pub mod outbound;
@@ -35,6 +36,7 @@ use crate::tls::verify::{
     authorize, authorize_session, to_unix_time, verify_svid_chain, PeerRole, VerifiedPeer,
     VerifyError,
 };
+use conn_span::ConnSpan;
 use copy::CopyEnd;
 use registry::{ConnectionRegistry, Registration};
 use rustls_pki_types::CertificateDer;
@@ -276,12 +278,12 @@ pub fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
 }
 
 /// Sorts a failed TLS handshake into a result label and a readable reason,
-/// and records the peer's SPIFFE ID in the connection span when the peer
+/// and records the peer's SPIFFE ID in the connection's span when the peer
 /// got far enough to show one.
-pub fn classify_handshake_error(e: &io::Error) -> (ConnResult, String) {
+pub fn classify_handshake_error(e: &io::Error, span: &mut ConnSpan<'_>) -> (ConnResult, String) {
     let verify_error = rustls_error(e).and_then(VerifyError::from_rustls);
     if let Some(id) = verify_error.and_then(VerifyError::peer_id) {
-        tracing::Span::current().record("peer_id", tracing::field::display(id));
+        span.set_peer_id(id);
     }
     match rustls_error(e) {
         Some(err) => match verify_error {

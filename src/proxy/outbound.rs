@@ -13,9 +13,10 @@ use rustls_pki_types::{DnsName, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, field, info_span, warn, Instrument, Span};
+use tracing::{debug, warn, Instrument};
 
 use super::balance::Balancer;
+use super::conn_span::ConnSpan;
 use super::copy::CopyEnd;
 use super::read_ahead::ReadAhead;
 use super::registry::Registration;
@@ -72,17 +73,12 @@ impl Outbound {
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
     ) {
-        let span = info_span!(
-            "conn",
-            tunnel = %self.tunnel.name,
-            kind = "outbound",
-            client = %addr,
-            upstream = field::Empty,
-            peer_id = field::Empty,
-        );
+        let live = self.tunnel.access_log || tracing::enabled!(tracing::Level::DEBUG);
+        let mut span = ConnSpan::new(live, &self.tunnel.name, "outbound", addr);
         let (registration, close) = self.tunnel.register(addr);
-        self.connection(client, permit, &registration, &close)
-            .instrument(span)
+        let live = span.live();
+        self.connection(client, permit, &registration, &close, &mut span)
+            .instrument(live)
             .await;
     }
 
@@ -92,10 +88,13 @@ impl Outbound {
         _permit: OwnedSemaphorePermit,
         registration: &Registration,
         close: &CancellationToken,
+        span: &mut ConnSpan<'_>,
     ) {
         let t = &self.tunnel;
         if t.resolver.current().is_none() {
-            t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present");
+            span.in_scope(|| {
+                t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present")
+            });
             return;
         }
         // Identity changes after this point are re-checked in `admit`.
@@ -113,12 +112,12 @@ impl Outbound {
             let (upstream_tcp, chosen) = match self.balancer.connect().await {
                 Ok(found) => found,
                 Err(reason) => {
-                    t.refuse(ConnResult::upstream_error, &reason);
+                    span.in_scope(|| t.refuse(ConnResult::upstream_error, &reason));
                     return;
                 }
             };
             let upstream = chosen.name().to_string();
-            Span::current().record("upstream", field::display(chosen.addr()));
+            span.set_upstream(chosen.addr());
             let started = Instant::now();
             let handshake = tokio::time::timeout(
                 t.settings.handshake_timeout,
@@ -157,7 +156,9 @@ impl Outbound {
                             } else {
                                 ConnResult::handshake_error
                             };
-                            t.refuse(result, &format_args!("upstream {upstream}: {e}"));
+                            span.in_scope(|| {
+                                t.refuse(result, &format_args!("upstream {upstream}: {e}"))
+                            });
                             return;
                         }
                     }
@@ -174,24 +175,28 @@ impl Outbound {
                             continue;
                         }
                     }
-                    let (result, reason) = classify_handshake_error(&e);
-                    t.refuse(result, &format_args!("upstream {upstream}: {reason}"));
+                    let (result, reason) = classify_handshake_error(&e, span);
+                    span.in_scope(|| {
+                        t.refuse(result, &format_args!("upstream {upstream}: {reason}"))
+                    });
                     return;
                 }
                 Err(_) => {
-                    t.refuse(
-                        ConnResult::handshake_error,
-                        &format_args!(
-                            "upstream {upstream}: handshake timed out after {:?}",
-                            t.settings.handshake_timeout
-                        ),
-                    );
+                    span.in_scope(|| {
+                        t.refuse(
+                            ConnResult::handshake_error,
+                            &format_args!(
+                                "upstream {upstream}: handshake timed out after {:?}",
+                                t.settings.handshake_timeout
+                            ),
+                        )
+                    });
                     return;
                 }
             }
         };
         let _in_use = &chosen;
-        Span::current().record("peer_id", field::display(&peer.id));
+        span.set_peer(&peer.id);
 
         let (moved, end) = t.carry(&mut client, &mut tls, &peer, close).await;
         if matches!(end, CopyEnd::Failed(_)) {
@@ -205,7 +210,7 @@ impl Outbound {
             if let (Some(rustls::Error::AlertReceived(alert)), 0) =
                 (rustls_error(e), moved.server_to_client)
             {
-                warn!(alert = ?alert, "upstream refused our SVID (check its policy allows our SPIFFE ID)");
+                span.in_scope(|| warn!(alert = ?alert, "upstream refused our SVID (check its policy allows our SPIFFE ID)"));
             }
         }
     }
