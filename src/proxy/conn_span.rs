@@ -106,3 +106,66 @@ impl<'t> ConnSpan<'t> {
         span.in_scope(log)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    /// Everything written to it, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The line `log` writes about a connection whose span is `live` or
+    /// made lazily, without its timestamp.
+    fn line_with(live: bool) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let client: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+            let mut span = ConnSpan::new(live, "web", "outbound", client);
+            let _entered = span.live().entered();
+            span.set_upstream("127.0.0.1:8443".parse().unwrap());
+            span.set_peer_id("spiffe://example.org/api");
+            span.in_scope(|| tracing::info!(result = "denied", "connection refused"));
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_line_carries_the_same_fields_whether_the_span_is_live_or_lazy() {
+        let lazy = line_with(false);
+        assert_eq!(lazy, line_with(true));
+        for field in [
+            "conn{tunnel=web kind=\"outbound\" client=127.0.0.1:4000 upstream=127.0.0.1:8443 peer_id=spiffe://example.org/api}",
+            "connection refused result=\"denied\"",
+        ] {
+            assert!(lazy.contains(field), "{field} missing in {lazy}");
+        }
+    }
+
+    #[test]
+    fn without_a_line_no_span_is_made() {
+        let client: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let mut span = ConnSpan::new(false, "web", "inbound", client);
+        span.set_peer_id("spiffe://example.org/web");
+        assert!(span.live().is_none());
+    }
+}
