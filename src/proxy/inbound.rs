@@ -76,9 +76,11 @@ impl Inbound {
     ) {
         let t = &self.tunnel;
         if t.resolver.current().is_none() {
-            span.in_scope(|| {
-                t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present")
-            });
+            t.refuse(
+                span,
+                ConnResult::no_identity,
+                &"we hold no valid SVID to present",
+            );
             return;
         }
 
@@ -94,15 +96,14 @@ impl Inbound {
             }
             Ok(Ok(_)) => {}
             Err(_) => {
-                span.in_scope(|| {
-                    t.refuse(
-                        ConnResult::handshake_error,
-                        &format_args!(
-                            "handshake timed out after {:?} (the client sent nothing)",
-                            t.settings.handshake_timeout
-                        ),
-                    )
-                });
+                t.refuse(
+                    span,
+                    ConnResult::handshake_error,
+                    &format_args!(
+                        "handshake timed out after {:?} (the client sent nothing)",
+                        t.settings.handshake_timeout
+                    ),
+                );
                 return;
             }
         }
@@ -118,19 +119,18 @@ impl Inbound {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let (result, reason) = classify_handshake_error(&e, span);
-                span.in_scope(|| t.refuse(result, &reason));
+                t.refuse(span, result, &reason);
                 return;
             }
             Err(_) => {
-                span.in_scope(|| {
-                    t.refuse(
-                        ConnResult::handshake_error,
-                        &format_args!(
-                            "handshake timed out after {:?}",
-                            t.settings.handshake_timeout
-                        ),
-                    )
-                });
+                t.refuse(
+                    span,
+                    ConnResult::handshake_error,
+                    &format_args!(
+                        "handshake timed out after {:?}",
+                        t.settings.handshake_timeout
+                    ),
+                );
                 return;
             }
         };
@@ -152,7 +152,7 @@ impl Inbound {
                 } else {
                     ConnResult::handshake_error
                 };
-                span.in_scope(|| t.refuse(result, &e));
+                t.refuse(span, result, &e);
                 return;
             }
         };
@@ -178,70 +178,41 @@ impl Inbound {
         });
 
         // Authorized: now, and only now, the target hears of this peer.
-        match &self.config.target {
+        let header = proxy_header.as_deref();
+        let timeout = t.settings.connect_timeout;
+        let (target, failed) = match &self.config.target {
             Target::Tcp(addr) => {
-                match tokio::time::timeout(
-                    t.settings.connect_timeout,
-                    TcpStream::connect(addr.as_str()),
-                )
-                .await
-                {
+                match tokio::time::timeout(timeout, TcpStream::connect(addr.as_str())).await {
                     Ok(Ok(target)) => {
                         let _ = target.set_nodelay(true);
-                        self.forward(
-                            &mut tls,
-                            target,
-                            proxy_header.as_deref(),
-                            &peer,
-                            close,
-                            span,
-                        )
-                        .await;
+                        return self
+                            .forward(&mut tls, target, header, &peer, close, span)
+                            .await;
                     }
-                    Ok(Err(e)) => span.in_scope(|| {
-                        t.refuse(
-                            ConnResult::upstream_error,
-                            &format_args!("target {addr}: {e}"),
-                        )
-                    }),
-                    Err(_) => span.in_scope(|| {
-                        t.refuse(
-                            ConnResult::upstream_error,
-                            &format_args!("target {addr}: connect timed out"),
-                        )
-                    }),
+                    Ok(Err(e)) => (addr.to_string(), e.to_string()),
+                    Err(_) => (addr.to_string(), "connect timed out".to_string()),
                 }
             }
             Target::Unix(path) => {
-                match tokio::time::timeout(t.settings.connect_timeout, UnixStream::connect(path))
-                    .await
-                {
+                match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
                     Ok(Ok(target)) => {
-                        self.forward(
-                            &mut tls,
-                            target,
-                            proxy_header.as_deref(),
-                            &peer,
-                            close,
-                            span,
-                        )
-                        .await
+                        return self
+                            .forward(&mut tls, target, header, &peer, close, span)
+                            .await;
                     }
-                    Ok(Err(e)) => span.in_scope(|| {
-                        t.refuse(
-                            ConnResult::upstream_error,
-                            &format_args!("target unix:{}: {e}", path.display()),
-                        )
-                    }),
-                    Err(_) => span.in_scope(|| {
-                        t.refuse(
-                            ConnResult::upstream_error,
-                            &format_args!("target unix:{}: connect timed out", path.display()),
-                        )
-                    }),
+                    Ok(Err(e)) => (format!("unix:{}", path.display()), e.to_string()),
+                    Err(_) => (
+                        format!("unix:{}", path.display()),
+                        "connect timed out".to_string(),
+                    ),
                 }
             }
-        }
+        };
+        t.refuse(
+            span,
+            ConnResult::upstream_error,
+            &format_args!("target {target}: {failed}"),
+        );
     }
 
     /// Sends the PROXY v2 header (if any) ahead of the client's bytes,
@@ -260,12 +231,11 @@ impl Inbound {
     {
         if let Some(header) = proxy_header {
             if let Err(e) = target.write_all(header).await {
-                span.in_scope(|| {
-                    self.tunnel.refuse(
-                        ConnResult::upstream_error,
-                        &format_args!("target closed before the PROXY header was written: {e}"),
-                    )
-                });
+                self.tunnel.refuse(
+                    span,
+                    ConnResult::upstream_error,
+                    &format_args!("target closed before the PROXY header was written: {e}"),
+                );
                 return;
             }
         }

@@ -124,11 +124,12 @@ impl Tunnel {
         (registration, close)
     }
 
-    /// Counts a refused connection and logs its reason, once.
-    pub fn refuse(&self, result: ConnResult, reason: &dyn std::fmt::Display) {
+    /// Counts a refused connection and logs its reason, once, in the
+    /// connection's span.
+    pub fn refuse(&self, span: &ConnSpan<'_>, result: ConnResult, reason: &dyn std::fmt::Display) {
         self.metrics.count(result);
         let reason = reason.to_string();
-        info!(result = ?result, reason = %reason, "connection refused");
+        span.in_scope(|| info!(result = ?result, reason = %reason, "connection refused"));
         self.last_refusal.store(Some(Arc::new(reason)));
     }
 
@@ -152,10 +153,9 @@ impl Tunnel {
                         self.connections.spawn(handle(stream, addr, permit));
                     }
                     Err(_) => {
-                        let _span =
-                            tracing::info_span!("conn", tunnel = %self.name, client = %addr)
-                                .entered();
+                        let span = ConnSpan::new(false, &self.name, self.kind_name(), addr);
                         self.refuse(
+                            &span,
                             ConnResult::over_limit,
                             &format_args!(
                                 "max_connections ({}) reached",

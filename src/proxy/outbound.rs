@@ -92,9 +92,11 @@ impl Outbound {
     ) {
         let t = &self.tunnel;
         if t.resolver.current().is_none() {
-            span.in_scope(|| {
-                t.refuse(ConnResult::no_identity, &"we hold no valid SVID to present")
-            });
+            t.refuse(
+                span,
+                ConnResult::no_identity,
+                &"we hold no valid SVID to present",
+            );
             return;
         }
         // Identity changes after this point are re-checked in `admit`.
@@ -112,7 +114,7 @@ impl Outbound {
             let (upstream_tcp, chosen) = match self.balancer.connect().await {
                 Ok(found) => found,
                 Err(reason) => {
-                    span.in_scope(|| t.refuse(ConnResult::upstream_error, &reason));
+                    t.refuse(span, ConnResult::upstream_error, &reason);
                     return;
                 }
             };
@@ -156,9 +158,7 @@ impl Outbound {
                             } else {
                                 ConnResult::handshake_error
                             };
-                            span.in_scope(|| {
-                                t.refuse(result, &format_args!("upstream {upstream}: {e}"))
-                            });
+                            t.refuse(span, result, &format_args!("upstream {upstream}: {e}"));
                             return;
                         }
                     }
@@ -176,21 +176,18 @@ impl Outbound {
                         }
                     }
                     let (result, reason) = classify_handshake_error(&e, span);
-                    span.in_scope(|| {
-                        t.refuse(result, &format_args!("upstream {upstream}: {reason}"))
-                    });
+                    t.refuse(span, result, &format_args!("upstream {upstream}: {reason}"));
                     return;
                 }
                 Err(_) => {
-                    span.in_scope(|| {
-                        t.refuse(
-                            ConnResult::handshake_error,
-                            &format_args!(
-                                "upstream {upstream}: handshake timed out after {:?}",
-                                t.settings.handshake_timeout
-                            ),
-                        )
-                    });
+                    t.refuse(
+                        span,
+                        ConnResult::handshake_error,
+                        &format_args!(
+                            "upstream {upstream}: handshake timed out after {:?}",
+                            t.settings.handshake_timeout
+                        ),
+                    );
                     return;
                 }
             }
