@@ -98,13 +98,14 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-fn spire_bin(name: &str) -> PathBuf {
+/// `spire-server` or `spire-agent`.
+pub fn spire_bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
 /// A short, unique temporary folder, readable by other uids (workloads of
 /// other users must reach the agent socket inside it).
-fn short_temp_dir(prefix: &str) -> tempfile::TempDir {
+pub fn short_temp_dir(prefix: &str) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
         .prefix(prefix)
@@ -152,15 +153,31 @@ async fn run_tool(mut command: tokio::process::Command) -> Result<String, String
     }
 }
 
-/// A SPIRE process with its log file; killed and reaped on drop.
-struct Proc {
+/// A SPIRE process with its log file (stdout and stderr); killed and
+/// reaped on drop. [`SpireServer`] and [`SpireAgent`] hold one each; tests
+/// that run SPIRE with configs of their own (the shipped ones) use it
+/// directly.
+pub struct SpireProcess {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
-impl Proc {
-    fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Self {
+impl SpireProcess {
+    /// Starts `program args` (in the current directory).
+    pub fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Self {
+        Self::spawn_in(name, program, args, log, None)
+    }
+
+    /// Starts `program args` in `cwd` (SPIRE resolves relative paths of a
+    /// config against its working directory).
+    pub fn spawn_in(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+        cwd: Option<&Path>,
+    ) -> Self {
         let file = File::create(&log).expect("create a log file");
         let err = file.try_clone().expect("clone the log file");
         // setpriv execs the program (same pid) with PR_SET_PDEATHSIG: if
@@ -173,6 +190,9 @@ impl Proc {
         } else {
             Command::new(program)
         };
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
         let child = command
             .args(args)
             .stdin(Stdio::null())
@@ -187,22 +207,52 @@ impl Proc {
         }
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The exit status if the process has ended.
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
-    fn kill(&mut self) {
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Waits until `spire-server|spire-agent healthcheck -socketPath
+    /// socket` passes; panics with the log if the process exits first or
+    /// `timeout` passes.
+    pub async fn wait_healthy(&mut self, program: &Path, socket: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                panic!("{} exited ({status}); log:\n{}", self.name, self.log());
+            }
+            if socket.exists() && healthcheck(program, socket).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy within {timeout:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
-impl Drop for Proc {
+/// `program healthcheck -socketPath socket` (spire-server or spire-agent).
+pub async fn healthcheck(program: &Path, socket: &Path) -> Result<String, String> {
+    let mut command = tokio::process::Command::new(program);
+    command.args(["healthcheck", "-socketPath"]).arg(socket);
+    run_tool(command).await
+}
+
+impl Drop for SpireProcess {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
@@ -435,7 +485,7 @@ pub struct SpireServer {
     pub port: u16,
     pub socket: PathBuf,
     config_file: PathBuf,
-    proc: Option<Proc>,
+    proc: Option<SpireProcess>,
     starts: usize,
 }
 
@@ -566,7 +616,7 @@ plugins {{
         self.starts += 1;
         let log = self.dir.path().join(format!("server-{}.log", self.starts));
         let config = self.config_file.to_str().unwrap().to_string();
-        let mut proc = Proc::spawn(
+        let mut proc = SpireProcess::spawn(
             "spire-server",
             &spire_bin("spire-server"),
             &["run", "-config", &config],
@@ -591,16 +641,15 @@ plugins {{
     }
 
     async fn healthcheck(&self) -> Result<String, String> {
-        let mut command = tokio::process::Command::new(spire_bin("spire-server"));
-        command
-            .args(["healthcheck", "-socketPath"])
-            .arg(&self.socket);
-        run_tool(command).await
+        healthcheck(&spire_bin("spire-server"), &self.socket).await
     }
 
     /// Everything the server logged since its last start.
     pub fn log(&self) -> String {
-        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+        self.proc
+            .as_ref()
+            .map(SpireProcess::log)
+            .unwrap_or_default()
     }
 
     /// Kills the server (SIGKILL: no graceful anything).
@@ -762,7 +811,7 @@ pub struct SpireAgent {
     pub spiffe_id: String,
     trust_domain: String,
     join_token: String,
-    proc: Option<Proc>,
+    proc: Option<SpireProcess>,
     starts: usize,
 }
 
@@ -868,7 +917,7 @@ plugins {{
         if self.starts == 1 {
             args.extend(["-joinToken", self.join_token.as_str()]);
         }
-        let mut proc = Proc::spawn("spire-agent", &spire_bin("spire-agent"), &args, log);
+        let mut proc = SpireProcess::spawn("spire-agent", &spire_bin("spire-agent"), &args, log);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = proc.exited() {
@@ -888,16 +937,15 @@ plugins {{
     }
 
     async fn healthcheck(&self) -> Result<String, String> {
-        let mut command = tokio::process::Command::new(spire_bin("spire-agent"));
-        command
-            .args(["healthcheck", "-socketPath"])
-            .arg(&self.socket);
-        run_tool(command).await
+        healthcheck(&spire_bin("spire-agent"), &self.socket).await
     }
 
     /// Everything the agent logged since its last start.
     pub fn log(&self) -> String {
-        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+        self.proc
+            .as_ref()
+            .map(SpireProcess::log)
+            .unwrap_or_default()
     }
 
     /// Kills the agent (SIGKILL).
