@@ -501,3 +501,112 @@ async fn wait_for_two(spire: &Spire, uid: u32, id: &str, mut out: String) {
         out = spire.agent.fetch_x509_as(uid).await.unwrap_or_default();
     }
 }
+
+/// Federated bundles as SPIRE hands them out, with a federated trust
+/// domain set by `bundle set` (the two-server federation is elsewhere):
+/// - one that publishes only JWT keys arrives as an empty X.509 bundle,
+///   which used to refuse every response; it is a domain with no X.509
+///   authorities now;
+/// - a bundle goes only to workloads whose entry has `-federatesWith`: a
+///   peer of that domain is refused, saying so, until such an entry
+///   exists, and let in after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_only_with_federates_with() {
+    let spire = Spire::start(ServerConfig::default(), AgentConfig::default()).await;
+    // jwt-only.org: our own JWKS with the X.509 authorities taken out.
+    let mut jwks: serde_json::Value =
+        serde_json::from_str(&spire.server.bundle_spiffe().await).unwrap();
+    jwks["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["use"] == "jwt-svid");
+    assert!(!jwks["keys"].as_array().unwrap().is_empty(), "{jwks}");
+    spire
+        .server
+        .set_federated_bundle("spiffe://jwt-only.org", &jwks.to_string())
+        .await;
+    let partner = common::certs::Ca::new("partner.org");
+    let pem = spire.server.dir().join("partner.pem");
+    std::fs::write(&pem, partner.cert_pem()).unwrap();
+    spire
+        .server
+        .cli(&[
+            "bundle",
+            "set",
+            "-id",
+            "spiffe://partner.org",
+            "-path",
+            pem.to_str().unwrap(),
+        ])
+        .await
+        .expect("bundle set partner.org");
+
+    spire
+        .create_entry(
+            &spire
+                .entry(API)
+                .uid(API_UID)
+                .federates_with("spiffe://jwt-only.org"),
+        )
+        .await;
+    // (`spire-agent api fetch x509` itself cannot show it: go-spiffe, which
+    // it is built on, refuses the whole response: "no certificates in
+    // bundle for federated domain". The tunnel waits for its first SVID.)
+    let target = Target::start(TargetMode::Echo).await;
+    let allow = [WEB, "spiffe://partner.org/**", "spiffe://jwt-only.org/**"];
+    let api = TunnelEnd::inbound(
+        &spire.agent.address(),
+        API_UID,
+        target.addr,
+        &allow,
+        &format!("svid = \"{API}\""),
+    )
+    .await;
+    assert_eq!(api.ca_count("jwt-only.org").await, 0);
+    assert_eq!(api.ca_count("partner.org").await, 0);
+
+    // No entry federates with partner.org yet: refused, and why.
+    let billing = partner.leaf("spiffe://partner.org/billing");
+    let client = common::harness::raw_client_config(Some((&billing.chain_pem, &billing.key_pem)));
+    let accepts = target.accepts();
+    assert!(
+        common::harness::raw_tls_roundtrip(api.listen, client.clone(), b"x")
+            .await
+            .is_err()
+    );
+    api.daemon
+        .wait_log(
+            "-federatesWith spiffe://partner.org",
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(target.accepts(), accepts);
+
+    // An entry of this process that federates with it brings the bundle.
+    spire
+        .create_entry(
+            &spire
+                .entry("spiffe://example.org/api-partners")
+                .uid(API_UID)
+                .federates_with("spiffe://partner.org"),
+        )
+        .await;
+    wait_ca_count_of(&api, "partner.org", 1).await;
+    let got = common::harness::raw_tls_roundtrip(api.listen, client, b"federated")
+        .await
+        .expect("a partner.org peer once an entry federates with it");
+    assert_eq!(got, b"federated");
+}
+
+async fn wait_ca_count_of(end: &TunnelEnd, trust_domain: &str, want: u64) {
+    let deadline = Instant::now() + ISSUE;
+    while end.ca_count(trust_domain).await != want {
+        assert!(
+            Instant::now() < deadline,
+            "no {want} CA(s) for {trust_domain}:\n{}",
+            end.daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -17,15 +17,24 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// The README's steps: run the script with SPIRE_SERVER and SPIRE_AGENT
 /// set, see the answer of the request it sends through the tunnels, press
 /// Ctrl-C, and nothing it started is left running. The test gives it its
-/// own work folder and agent socket so it cannot collide with anything
-/// else on the machine.
+/// own work folder and agent socket, and runs it in a network namespace of
+/// its own (`unshare --net`, loopback only), so neither its files nor the
+/// fixed ports the README gives can collide with anything else running on
+/// the machine, a second run of this test included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quickstart_script_ends_with_a_request_through_the_tunnel() {
     let bins = bin_dir();
     let root = short_temp_dir("spq");
     let work = root.path().join("q");
     let agent_socket = root.path().join("agent.sock");
-    let mut script = tokio::process::Command::new("bash")
+    // unshare and both bash levels exec: the pid is the script's.
+    let mut script = tokio::process::Command::new("unshare")
+        .args([
+            "--net",
+            "bash",
+            "-c",
+            "ip link set lo up && exec bash \"$0\"",
+        ])
         .arg(Path::new(REPO).join("scripts/spire-quickstart.sh"))
         .current_dir(REPO)
         .env("SPIRE_SERVER", bins.join("spire-server"))
@@ -38,7 +47,7 @@ async fn the_quickstart_script_ends_with_a_request_through_the_tunnel() {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("run scripts/spire-quickstart.sh");
+        .expect("run scripts/spire-quickstart.sh (needs root for unshare --net, and iproute2)");
     let pid = script.id().unwrap();
     let mut stdout = BufReader::new(script.stdout.take().unwrap()).lines();
     let started = Instant::now();
@@ -73,7 +82,13 @@ async fn the_quickstart_script_ends_with_a_request_through_the_tunnel() {
     );
     stdout.next_line().await.ok();
 
-    // Ctrl-C: the script's trap stops everything it started.
+    // Ctrl-C: the script's trap stops everything it started (SPIRE, the
+    // backend and both tunnel ends, all named by their paths here).
+    let running = processes_mentioning(root.path());
+    assert!(
+        running.len() >= 5,
+        "the script's processes are not where this test looks: {running:?}"
+    );
     let status = std::process::Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()

@@ -18,9 +18,28 @@
 //!   in-memory or `disk` KeyManager, short TTLs ([`ServerConfig`]), optional
 //!   `disk` UpstreamAuthority, and room for extra HCL (federation blocks, a
 //!   bundle endpoint) for tests that need more. Entries, join tokens,
-//!   bundles and the local X.509 authority (`prepare`, `activate`, `taint`,
-//!   `revoke`) go through the `spire-server` CLI. It can be stopped and
-//!   started again on the same port with the same data.
+//!   bundles (PEM, SPIFFE format, `bundle set` for a federated one) and the
+//!   local X.509 authority (`prepare`, `activate`, `taint`, `revoke`) go
+//!   through the `spire-server` CLI. It can be stopped and started again on
+//!   the same port with the same data.
+//!
+//! Federation, for example: two servers with their own `trust_domain`, each
+//! given `server_hcl` like
+//!
+//! ```text
+//! federation {
+//!     bundle_endpoint { address = "127.0.0.1" port = PORT }
+//!     federates_with "partner.org" {
+//!         bundle_endpoint_url = "https://127.0.0.1:OTHER_PORT"
+//!         bundle_endpoint_profile "https_spiffe" {
+//!             endpoint_spiffe_id = "spiffe://partner.org/spire/server"
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! then each other's bundle with [`SpireServer::set_federated_bundle`],
+//! and entries with [`Entry::federates_with`].
 //! - [`SpireAgent`]: attested once with a join token, KeyManager `disk` so a
 //!   restarted agent keeps its node identity, the `unix` workload attestor,
 //!   the Workload API on a socket under the agent's own folder
@@ -735,6 +754,39 @@ plugins {{
         self.cli(&["bundle", "show", "-format", "pem"])
             .await
             .unwrap_or_else(|e| panic!("bundle show failed: {e}"))
+    }
+
+    /// The trust bundle in SPIFFE format (a JWKS), what another server
+    /// takes with [`SpireServer::set_federated_bundle`].
+    pub async fn bundle_spiffe(&self) -> String {
+        self.cli(&["bundle", "show", "-format", "spiffe"])
+            .await
+            .unwrap_or_else(|e| panic!("bundle show failed: {e}"))
+    }
+
+    /// `bundle set -format spiffe -id TD`: trusts another trust domain's
+    /// bundle (`spiffe_bundle` as [`SpireServer::bundle_spiffe`] gives it),
+    /// as an operator bootstraps federation before the bundle endpoint
+    /// takes over.
+    pub async fn set_federated_bundle(&self, trust_domain_id: &str, spiffe_bundle: &str) {
+        let file = self.dir.path().join(format!(
+            "federated-{}.json",
+            trust_domain_id.trim_start_matches("spiffe://")
+        ));
+        std::fs::write(&file, spiffe_bundle).unwrap();
+        let path = file.to_str().unwrap().to_string();
+        self.cli(&[
+            "bundle",
+            "set",
+            "-format",
+            "spiffe",
+            "-id",
+            trust_domain_id,
+            "-path",
+            &path,
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("bundle set failed: {e}"));
     }
 
     /// `localauthority x509 show`.
