@@ -1030,6 +1030,9 @@ plugins {{
     }
 
     /// Waits until a workload of `uid` is issued every ID in `ids`.
+    /// (`spire-agent api fetch` is go-spiffe inside: it refuses a response
+    /// with an empty federated X.509 bundle, which SPIRE sends for a
+    /// JWT-only trust domain, so this cannot see such a workload's SVIDs.)
     pub async fn wait_for_ids(&self, uid: u32, ids: &[&str], timeout: Duration) -> String {
         wait_for(
             &format!("uid {uid} to get {ids:?} from the agent"),
