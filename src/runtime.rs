@@ -756,12 +756,17 @@ async fn watch_identity(shared: Arc<Shared>) {
         let identity = store.load();
         match &identity {
             Some(identity) => {
-                metrics.set_svid_expiries(
-                    identity
-                        .svids
-                        .iter()
-                        .map(|s| (s.id.to_string(), unix_seconds(s.not_after))),
-                );
+                // Several SVIDs may share an ID (one per SPIRE entry): the
+                // gauge shows the one that expires first.
+                let mut expiries: std::collections::BTreeMap<String, i64> = Default::default();
+                for s in &identity.svids {
+                    let expiry = unix_seconds(s.not_after);
+                    expiries
+                        .entry(s.id.to_string())
+                        .and_modify(|e| *e = (*e).min(expiry))
+                        .or_insert(expiry);
+                }
+                metrics.set_svid_expiries(expiries);
                 if !first {
                     metrics.svid_rotations.inc();
                 }

@@ -486,6 +486,21 @@ async fn two_entries_with_one_spiffe_id() {
     let socket = spire.agent.address();
     let billing = TunnelEnd::inbound(&socket, user.uid, target.addr, &[WEB], "").await;
     assert_eq!(billing.ids().await, [BILLING, BILLING]);
+    // The expiry gauge of that ID shows the SVID that expires first.
+    let status = billing.status().await;
+    let first_expiry = status["identity"]["svids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let t = humantime::parse_rfc3339(s["not_after"].as_str().unwrap()).unwrap();
+            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+        })
+        .min()
+        .unwrap();
+    let series = format!("spiffe_tunnel_svid_expiry_timestamp_seconds{{spiffe_id=\"{BILLING}\"}}");
+    let gauge = common::probe::sample(&billing.metrics().await, &series);
+    assert_eq!(gauge as u64, first_expiry, "{series}");
     let web = TunnelEnd::outbound(&socket, 0, billing.listen, &[BILLING], "").await;
     roundtrip(web.listen, b"to billing")
         .await

@@ -500,3 +500,45 @@ async fn presented_leaf(
         .clone()
         .into_owned()
 }
+
+/// Two SVIDs with one ID (two SPIRE entries): the expiry gauge of that ID
+/// shows the one that expires first, whatever their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_gauge_of_an_id_held_twice_is_the_earlier() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let now = SystemTime::now();
+    let leaf = |hours: u64| {
+        ca.leaf_builder(API)
+            .validity(
+                now - Duration::from_secs(10),
+                now + Duration::from_secs(3600 * hours),
+            )
+            .build()
+    };
+    let (sooner, later) = (leaf(1), leaf(2));
+    let mut reply = response(&sooner, &ca);
+    reply
+        .svids
+        .push(svid_entry(&later, std::slice::from_ref(ca.root_der())));
+    let fake = FakeWorkloadApi::start(dir.path(), Reply::Svids(reply)).await;
+    let target = Target::start(TargetMode::Echo).await;
+    let admin = free_addr();
+    let config = inbound_config(
+        dir.path(),
+        &fake.address(),
+        free_addr(),
+        &target,
+        &format!("{WEB:?}"),
+        &format!("[admin]\nlisten = \"{admin}\""),
+    );
+    let daemon = Daemon::run(&config);
+    daemon.wait_running().await;
+    let series = format!("spiffe_tunnel_svid_expiry_timestamp_seconds{{spiffe_id=\"{API}\"}}");
+    let gauge = common::probe::sample(&common::probe::metrics(admin).await, &series);
+    let sooner_at = (now + Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(gauge as u64, sooner_at, "{series}");
+}
