@@ -2,16 +2,15 @@
 //!
 //! Start-up wires the one-way flow: the identity source publishes into the
 //! store, each tunnel gets TLS configs that read from the store and its own
-//! policy, and listeners are bound. Then it waits for signals. SIGHUP
-//! re-reads the whole config: tunnels are added, removed or changed, every
-//! policy is reloaded, and live connections whose peer is no longer allowed
-//! are closed; a bad config is refused and the running one stays.
-//! SIGTERM/SIGINT drain and exit.
+//! policy, and listeners are bound ([`launch`]). Then it waits for signals.
+//! SIGHUP re-reads the whole config ([`reload`]): tunnels are added,
+//! removed or changed, every policy is reloaded, and live connections whose
+//! peer is no longer allowed are closed; a bad config is refused and the
+//! running one stays. SIGTERM/SIGINT drain and exit.
 //!
 //! What the admin endpoint shows lives in [`Shared`], which the daemon
 //! updates and the endpoint only reads.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,12 +33,14 @@ use crate::metrics::{Metrics, TunnelKind};
 use crate::notify::Notifier;
 use crate::policy::{Policy, PolicyError};
 use crate::proxy::balance::Balancer;
-use crate::proxy::inbound::Inbound;
-use crate::proxy::outbound::Outbound;
 use crate::proxy::registry::ConnectionRegistry;
 use crate::proxy::{Tunnel, TunnelContext};
-use crate::tls::config::{client_config, server_config, TlsConfigError, TlsSettings};
-use crate::tls::verify::{authorize, verify_svid_chain, PeerRole};
+use crate::tls::config::TlsConfigError;
+use crate::tls::verify::{verify_svid_chain, PeerRole};
+use launch::Running;
+
+mod launch;
+mod reload;
 
 /// How often the file identity source looks at its files.
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -213,12 +214,6 @@ impl Shared {
     }
 }
 
-/// A started tunnel and the tasks serving it.
-struct Running {
-    entry: Arc<TunnelEntry>,
-    accept_task: JoinHandle<()>,
-}
-
 /// Runs the daemon until SIGTERM/SIGINT and a finished drain.
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let config = Config::load(&options.config)?;
@@ -249,9 +244,7 @@ pub struct Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         for r in &self.running {
-            r.entry.tunnel.stop_accepting.cancel();
-            r.entry.tunnel.close_all.cancel();
-            r.accept_task.abort();
+            r.abort();
         }
         for task in &self.tasks {
             task.abort();
@@ -278,10 +271,14 @@ impl Daemon {
             metrics: Arc::clone(&metrics),
             registry: Arc::clone(&registry),
         };
-        let mut running = Vec::new();
+        // Every listener bound and every tunnel built before any starts.
+        let mut prepared = Vec::new();
         for tunnel in TunnelConfig::all(&config) {
-            running.push(start_tunnel(tunnel, &ctx).await?);
+            let policy = Arc::new(ArcSwap::from_pointee(tunnel.load_policy()?));
+            let listener = launch::bind(&tunnel).await?;
+            prepared.push(launch::prepare(tunnel, policy, listener, &ctx)?);
         }
+        let running: Vec<Running> = prepared.into_iter().map(launch::Prepared::launch).collect();
         let shared = Arc::new(Shared {
             config_path: config.path.clone(),
             store: Arc::clone(&store),
@@ -365,13 +362,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// SIGHUP: re-reads the config file and applies it. Tunnels are
-    /// matched by kind and name: an unchanged one keeps its listener and
-    /// live connections and only gets its policy reloaded; a changed one is
-    /// replaced (its live connections finish under its drain_timeout); a
-    /// removed one stops; a new one starts. Live connections whose peer the
-    /// new policy no longer allows are closed. Any error in the new config
-    /// or its policy files refuses the whole reload.
+    /// SIGHUP: re-reads the config file and applies it, all or nothing
+    /// (see [`reload`]). Tunnels are matched by kind and name: one whose
+    /// config is unchanged but for its policy keeps its listener and live
+    /// connections and gets the new policy; a changed one is replaced (its
+    /// socket handed over when the address stays; its live connections
+    /// that the new policy allows finish within its drain_timeout); a
+    /// removed one stops and its connections are closed; a new one starts.
+    /// Live connections whose peer the new policy no longer allows are
+    /// closed, whichever generation of the tunnel they belong to.
     pub async fn reload(&mut self) {
         match self.try_reload().await {
             Ok(summary) => {
@@ -394,94 +393,16 @@ impl Daemon {
         })));
     }
 
-    async fn try_reload(&mut self) -> Result<String, String> {
-        let new = Config::load(&self.config.path).map_err(|e| e.to_string())?;
-        let wanted = TunnelConfig::all(&new);
-        // Load every policy before touching anything: all or nothing.
-        let policies = wanted
-            .iter()
-            .map(TunnelConfig::load_policy)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-
-        let mut notes = Vec::new();
-        if new.identity != self.config.identity {
-            notes.push("[identity] changes take effect at the next restart".to_string());
-        }
-        if new.admin != self.config.admin {
-            notes.push("[admin] changes take effect at the next restart".to_string());
-        }
-        if new.log != self.config.log {
-            notes.push("[log] changes take effect at the next restart".to_string());
-        }
-        for note in &notes {
-            warn!("{note}");
-        }
-
-        let mut old: HashMap<(TunnelKind, String), Running> = self
-            .running
-            .drain(..)
-            .map(|r| {
-                (
-                    (r.entry.config.kind(), r.entry.config.name().to_string()),
-                    r,
-                )
-            })
-            .collect();
-        let (mut kept, mut replaced, mut added, mut revoked) = (0, 0, 0, 0);
-        let mut failures = Vec::new();
-        let mut next = Vec::new();
-        for (config, policy) in wanted.into_iter().zip(policies) {
-            let key = (config.kind(), config.name().to_string());
-            match old.remove(&key) {
-                Some(running) if running.entry.config == config => {
-                    let tunnel = &running.entry.tunnel;
-                    tunnel.policy.store(Arc::new(policy));
-                    revoked += revoke_disallowed(&self.registry, tunnel);
-                    kept += 1;
-                    next.push(running);
-                }
-                previous => {
-                    if let Some(previous) = previous {
-                        retire(previous).await;
-                        replaced += 1;
-                    } else {
-                        added += 1;
-                    }
-                    match start_tunnel(config, &self.ctx).await {
-                        Ok(running) => {
-                            running.entry.tunnel.policy.store(Arc::new(policy));
-                            next.push(running);
-                        }
-                        Err(e) => failures.push(e.to_string()),
-                    }
-                }
-            }
-        }
-        let removed = old.len();
-        for (_, running) in old {
-            retire(running).await;
-        }
-        self.running = next;
-        self.shared.tunnels.store(Arc::new(
-            self.running.iter().map(|r| Arc::clone(&r.entry)).collect(),
-        ));
-        self.config = new;
-        let summary = format!(
-            "{kept} tunnel(s) kept, {replaced} replaced, {added} added, {removed} removed; {revoked} live connection(s) revoked"
-        );
-        if failures.is_empty() {
-            Ok(summary)
-        } else {
-            Err(format!("{summary}; but {}", failures.join("; ")))
-        }
-    }
-
     /// Stops accepting, lets live connections finish for up to the longest
     /// `drain_timeout`, then closes the rest. `second_signal` closes them
     /// at once.
-    pub async fn drain(self, second_signal: impl std::future::Future<Output = ()>) {
+    pub async fn drain(mut self, second_signal: impl std::future::Future<Output = ()>) {
         self.shared.draining.store(true, Ordering::Relaxed);
+        for r in &mut self.running {
+            r.stop_accepting().await;
+            // Our reference to the socket goes too, so the port closes.
+            r.listener = None;
+        }
         let running = &self.running;
         let deadline = running
             .iter()
@@ -494,7 +415,6 @@ impl Daemon {
             .sum();
         info!(live_connections = live, drain_timeout = ?deadline, "draining: no new connections are accepted");
         for r in running {
-            r.entry.tunnel.stop_accepting.cancel();
             r.entry.tunnel.connections.close();
         }
         let all_done = async {
@@ -520,39 +440,6 @@ impl Daemon {
     }
 }
 
-/// Stops a tunnel that a reload removed or replaced: the listener closes
-/// now (so a replacement can bind the same address), and its live
-/// connections get its `drain_timeout` to finish in the background.
-async fn retire(running: Running) {
-    let tunnel = Arc::clone(&running.entry.tunnel);
-    tunnel.stop_accepting.cancel();
-    tunnel.connections.close();
-    let _ = running.accept_task.await;
-    info!(tunnel = %tunnel.name, kind = %tunnel.kind_name(), live = tunnel.active_connections(), "tunnel stopped by reload; its live connections may finish");
-    tokio::spawn(async move {
-        let drained =
-            tokio::time::timeout(tunnel.settings.drain_timeout, tunnel.connections.wait()).await;
-        if drained.is_err() {
-            tunnel.close_all.cancel();
-        }
-    });
-}
-
-/// Closes the live connections of `tunnel` whose peer its current policy
-/// no longer allows; returns how many.
-fn revoke_disallowed(registry: &ConnectionRegistry, tunnel: &Tunnel) -> usize {
-    let policy = tunnel.policy.load();
-    let closed = registry.revoke_where(|conn| {
-        if conn.tunnel != tunnel.name || conn.kind != tunnel.kind {
-            return None;
-        }
-        let peer = conn.peer.as_ref()?;
-        authorize(&policy, &peer.id).err().map(|e| e.to_string())
-    });
-    log_revocations(&closed, tunnel, "policy reload");
-    closed.len()
-}
-
 fn log_revocations(
     closed: &[(crate::proxy::registry::ConnectionInfo, String)],
     tunnel: &Tunnel,
@@ -570,111 +457,6 @@ fn log_revocations(
             "live connection revoked"
         );
     }
-}
-
-/// Starts one tunnel: policy, TLS config, listener, accept loop.
-async fn start_tunnel(config: TunnelConfig, ctx: &TunnelContext) -> Result<Running, RunError> {
-    let policy = Arc::new(ArcSwap::from_pointee(config.load_policy()?));
-    let listen = config.listen();
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            kind: config.kind(),
-            tunnel: config.name().to_string(),
-            addr: listen,
-            source,
-        })?;
-    let listening = Arc::new(AtomicBool::new(true));
-    let mut balancer = None;
-    let (tunnel, accept_task) = match &config {
-        TunnelConfig::Inbound(inbound) => {
-            let tunnel = Arc::new(
-                Tunnel::new(
-                    &inbound.name,
-                    TunnelKind::inbound,
-                    inbound.settings.clone(),
-                    inbound.svid.clone(),
-                    Arc::clone(&policy),
-                    ctx,
-                )
-                .with_access_log(inbound.access_log),
-            );
-            let tls = server_config(&TlsSettings {
-                store: Arc::clone(&ctx.store),
-                policy,
-                svid: inbound.svid.clone(),
-                min_tls: inbound.settings.min_tls,
-                session_resumption: inbound.settings.session_resumption,
-            })?;
-            info!(tunnel = %inbound.name, listen = %listen, target = %inbound.target, "inbound tunnel listening");
-            let serving = Arc::new(Inbound::new(Arc::clone(&tunnel), inbound.clone(), tls));
-            (
-                tunnel,
-                tokio::spawn(serve_flagged(
-                    serving.serve(listener),
-                    Arc::clone(&listening),
-                )),
-            )
-        }
-        TunnelConfig::Outbound(outbound) => {
-            let tunnel = Arc::new(
-                Tunnel::new(
-                    &outbound.name,
-                    TunnelKind::outbound,
-                    outbound.settings.clone(),
-                    outbound.svid.clone(),
-                    Arc::clone(&policy),
-                    ctx,
-                )
-                .with_access_log(outbound.access_log),
-            );
-            let tls = client_config(&TlsSettings {
-                store: Arc::clone(&ctx.store),
-                policy,
-                svid: outbound.svid.clone(),
-                min_tls: outbound.settings.min_tls,
-                session_resumption: outbound.settings.session_resumption,
-            })?;
-            info!(tunnel = %outbound.name, listen = %listen, upstreams = ?outbound.upstreams, "outbound tunnel listening");
-            let upstreams = Balancer::new(
-                &outbound.name,
-                &outbound.upstreams,
-                &outbound.balance,
-                outbound.settings.connect_timeout,
-            );
-            // Health checks and re-resolution end with the tunnel.
-            upstreams.start(tunnel.stop_accepting.clone());
-            balancer = Some(Arc::clone(&upstreams));
-            let serving = Arc::new(Outbound::new(
-                Arc::clone(&tunnel),
-                outbound.clone(),
-                tls,
-                upstreams,
-            ));
-            (
-                tunnel,
-                tokio::spawn(serve_flagged(
-                    serving.serve(listener),
-                    Arc::clone(&listening),
-                )),
-            )
-        }
-    };
-    Ok(Running {
-        entry: Arc::new(TunnelEntry {
-            config,
-            tunnel,
-            balancer,
-            listening,
-        }),
-        accept_task,
-    })
-}
-
-/// Runs an accept loop and clears `listening` when it ends.
-async fn serve_flagged(serve: impl std::future::Future<Output = ()>, listening: Arc<AtomicBool>) {
-    serve.await;
-    listening.store(false, Ordering::Relaxed);
 }
 
 type SourceStart = (
