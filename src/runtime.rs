@@ -11,7 +11,8 @@
 //! What the admin endpoint shows lives in [`Shared`], which the daemon
 //! updates and the endpoint only reads.
 
-use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,16 +20,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError, IdentityConfig, InboundConfig, OutboundConfig};
+use crate::config::{
+    Config, ConfigError, IdentityConfig, InboundConfig, ListenAddress, OutboundConfig,
+};
 use crate::identity::workload_api::{
     wait_for_first_identity, ApiAddress, ApiHealth, WorkloadApiSource,
 };
 use crate::identity::{BundleSet, IdentityError, IdentityStore};
+use crate::listen::{Inherited, ListenError, Owner};
 use crate::metrics::{Metrics, TunnelKind};
 use crate::notify::Notifier;
 use crate::policy::{Policy, PolicyError};
@@ -37,10 +40,13 @@ use crate::proxy::registry::ConnectionRegistry;
 use crate::proxy::{Tunnel, TunnelContext};
 use crate::tls::config::TlsConfigError;
 use crate::tls::verify::{verify_svid_chain, PeerRole};
+use crate::upgrade::{PidFile, Readiness, Upgrader};
 use launch::Running;
+use signals::Signals;
 
 mod launch;
 mod reload;
+mod signals;
 
 /// How often the file identity source looks at its files.
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -54,17 +60,11 @@ pub enum RunError {
     Policy(#[from] PolicyError),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
-    #[error("{kind} tunnel {tunnel:?}: cannot listen on {addr}: {source}")]
-    Bind {
-        kind: TunnelKind,
-        tunnel: String,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("admin endpoint: cannot listen on {addr}: {source}")]
-    AdminBind {
-        addr: SocketAddr,
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("--pid-file {}: {source}", .path.display())]
+    PidFile {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -81,17 +81,24 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Config(_) | RunError::Policy(_) => 2,
+            RunError::Listen(e) if e.is_config() => 2,
             _ => 1,
         }
     }
 }
 
 /// Options of `spiffe-tunnel run`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RunOptions {
     pub config: PathBuf,
     /// `--socket`: overrides the Workload API address of the config.
     pub socket: Option<String>,
+    /// `--pid-file`: written when ready, by each process after an upgrade.
+    pub pid_file: Option<PidFile>,
+    /// The sockets passed to us (systemd, or the process we upgrade).
+    pub inherited: Inherited,
+    /// Tells the process we upgrade that we are ready.
+    pub readiness: Readiness,
 }
 
 /// One tunnel's config, whichever its direction.
@@ -116,10 +123,27 @@ impl TunnelConfig {
         }
     }
 
-    pub fn listen(&self) -> SocketAddr {
+    pub fn listen(&self) -> &ListenAddress {
         match self {
-            TunnelConfig::Inbound(c) => c.listen,
-            TunnelConfig::Outbound(c) => c.listen,
+            TunnelConfig::Inbound(c) => &c.listen,
+            TunnelConfig::Outbound(c) => &c.listen,
+        }
+    }
+
+    /// Who its listener is for, in messages and upgrade hand-over names.
+    pub fn owner(&self) -> Owner<'_> {
+        Owner::Tunnel {
+            kind: self.kind().as_str(),
+            name: self.name(),
+        }
+    }
+
+    /// The name its socket is passed under in an upgrade: the systemd
+    /// name it came with, or `KIND/NAME`.
+    pub fn handover_name(&self) -> String {
+        match self.listen() {
+            ListenAddress::Systemd(name) => name.clone(),
+            ListenAddress::Tcp(_) => self.owner().upgrade_name(),
         }
     }
 
@@ -214,16 +238,49 @@ impl Shared {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT and a finished drain.
-pub async fn run(options: RunOptions) -> Result<(), RunError> {
+/// Runs the daemon until SIGTERM/SIGINT (or a finished upgrade) and a
+/// finished drain.
+pub async fn run(mut options: RunOptions) -> Result<(), RunError> {
+    // First of all, so a SIGTERM during start-up stops it cleanly.
+    let mut signals = Signals::install()?;
+    for note in options.inherited.notes.drain(..) {
+        warn!("{note}");
+    }
+    let upgrader = Upgrader::from_current_process();
     let config = Config::load(&options.config)?;
     raise_open_files_limit();
     let notifier = Notifier::from_env();
-    let daemon = Daemon::start(config, options.socket.as_deref()).await?;
+    let from_upgrade = options.inherited.from_upgrade();
+    let start = Daemon::start_with(config, options.socket.as_deref(), options.inherited);
+    let daemon = tokio::select! {
+        started = start => started?,
+        () = signals.stop() => {
+            info!("stopped during start-up");
+            return Ok(());
+        }
+    };
+    if let Some(pid_file) = &options.pid_file {
+        pid_file.write().map_err(|source| RunError::PidFile {
+            path: pid_file.0.clone(),
+            source,
+        })?;
+    }
     if let Some(n) = &notifier {
+        // MAINPID= in it makes systemd follow us after an upgrade.
         n.ready(&daemon.status_line());
     }
-    daemon.wait_for_signals(notifier).await
+    if from_upgrade {
+        info!(
+            previous = std::os::unix::process::parent_id(),
+            "upgrade: ready; the previous process stops accepting"
+        );
+    }
+    options.readiness.ready();
+    let result = daemon.wait_for_signals(signals, notifier, upgrader).await;
+    if let Some(pid_file) = &options.pid_file {
+        pid_file.remove_if_ours();
+    }
+    result
 }
 
 /// Every tunnel of one config, serving, with the identity source that feeds
@@ -236,8 +293,13 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<ConnectionRegistry>,
     running: Vec<Running>,
-    /// Identity source, identity watcher and admin endpoint; ended on drop.
+    /// Identity source and identity watcher; ended on drop.
     tasks: Vec<JoinHandle<()>>,
+    /// The admin endpoint, and its socket for an upgrade to pass on.
+    admin: Option<(JoinHandle<()>, OwnedFd)>,
+    /// What was passed at start-up, all claimed or closed by now: a
+    /// reload can only name what is gone.
+    inherited: Inherited,
     ctx: TunnelContext,
 }
 
@@ -249,6 +311,9 @@ impl Drop for Daemon {
         for task in &self.tasks {
             task.abort();
         }
+        if let Some((task, _)) = &self.admin {
+            task.abort();
+        }
     }
 }
 
@@ -258,12 +323,47 @@ impl Daemon {
         self.running.iter().map(|r| &r.entry.tunnel)
     }
 
-    /// Starts the identity source, waits for the first identity, binds
-    /// every listener and the admin endpoint, and starts serving.
+    /// [`Daemon::start_with`] with nothing passed: every listener bound.
     pub async fn start(config: Config, socket_override: Option<&str>) -> Result<Self, RunError> {
+        Self::start_with(config, socket_override, Inherited::none()).await
+    }
+
+    /// Takes the passed sockets and binds the rest, closes the passed ones
+    /// no tunnel claims, starts the identity source and waits for the first
+    /// identity, and only then starts accepting: the listeners fail fast
+    /// (a port in use, a socket systemd did not pass), and no connection is
+    /// accepted before we can serve it.
+    pub async fn start_with(
+        config: Config,
+        socket_override: Option<&str>,
+        mut inherited: Inherited,
+    ) -> Result<Self, RunError> {
         let metrics = Arc::new(Metrics::new());
         let store = IdentityStore::new();
         let registry = ConnectionRegistry::new();
+        let tunnels = TunnelConfig::all(&config);
+        let mut listeners: Vec<Option<Arc<TcpListener>>> = vec![None; tunnels.len()];
+        // systemd names first: an address match must not take a socket
+        // that a `systemd:NAME` tunnel needs.
+        let mut order: Vec<usize> = (0..tunnels.len()).collect();
+        order.sort_by_key(|&i| !matches!(tunnels[i].listen(), ListenAddress::Systemd(_)));
+        for i in order {
+            let listener = inherited
+                .acquire(tunnels[i].listen(), tunnels[i].owner())
+                .await?;
+            listeners[i] = Some(Arc::new(listener));
+        }
+        let admin_listener = match config.admin.listen {
+            Some(addr) => Some(
+                inherited
+                    .acquire(&ListenAddress::Tcp(addr), Owner::Admin)
+                    .await?,
+            ),
+            None => None,
+        };
+        for note in inherited.close_unclaimed() {
+            warn!("{note}");
+        }
         let (mut tasks, identity_source, api_health) =
             start_identity_source(&config, socket_override, &store, &metrics).await?;
         let ctx = TunnelContext {
@@ -271,11 +371,10 @@ impl Daemon {
             metrics: Arc::clone(&metrics),
             registry: Arc::clone(&registry),
         };
-        // Every listener bound and every tunnel built before any starts.
+        // Every tunnel built before any starts.
         let mut prepared = Vec::new();
-        for tunnel in TunnelConfig::all(&config) {
+        for (tunnel, listener) in tunnels.into_iter().zip(listeners.into_iter().flatten()) {
             let policy = Arc::new(ArcSwap::from_pointee(tunnel.load_policy()?));
-            let listener = launch::bind(&tunnel).await?;
             prepared.push(launch::prepare(tunnel, policy, listener, &ctx)?);
         }
         let running: Vec<Running> = prepared.into_iter().map(launch::Prepared::launch).collect();
@@ -292,15 +391,17 @@ impl Daemon {
             started: SystemTime::now(),
         });
         tasks.push(tokio::spawn(watch_identity(Arc::clone(&shared))));
-        if let Some(addr) = config.admin.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::AdminBind { addr, source })?;
-            info!(listen = %addr, "admin endpoint listening (/healthz /readyz /metrics /status)");
-            tasks.push(tokio::spawn(crate::admin::serve(
-                listener,
-                Arc::clone(&shared),
-            )));
+        let mut admin = None;
+        if let Some(listener) = admin_listener {
+            let socket = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| RunError::Startup(format!("admin endpoint: {e}")))?;
+            if let Ok(addr) = listener.local_addr() {
+                info!(listen = %addr, "admin endpoint listening (/healthz /readyz /metrics /status)");
+            }
+            let task = tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)));
+            admin = Some((task, socket));
         }
         info!(
             config = %config.path.display(),
@@ -316,6 +417,8 @@ impl Daemon {
             registry,
             running,
             tasks,
+            admin,
+            inherited,
             ctx,
         })
     }
@@ -327,39 +430,6 @@ impl Daemon {
             self.config.inbound.len(),
             self.config.outbound.len()
         )
-    }
-
-    /// Serves until SIGTERM/SIGINT, reloading on SIGHUP, then drains.
-    pub async fn wait_for_signals(mut self, notifier: Option<Notifier>) -> Result<(), RunError> {
-        let mut hangup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-        loop {
-            tokio::select! {
-                _ = hangup.recv() => {
-                    if let Some(n) = &notifier {
-                        n.reloading();
-                    }
-                    self.reload().await;
-                    if let Some(n) = &notifier {
-                        n.reloaded(&self.status_line());
-                    }
-                }
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
-            }
-        }
-        if let Some(n) = &notifier {
-            n.stopping();
-        }
-        self.drain(async move {
-            tokio::select! {
-                _ = terminate.recv() => {},
-                _ = interrupt.recv() => {},
-            }
-        })
-        .await;
-        Ok(())
     }
 
     /// SIGHUP: re-reads the config file and applies it, all or nothing

@@ -205,17 +205,3 @@ async fn serve_flagged(serve: impl std::future::Future<Output = ()>, listening: 
     serve.await;
     listening.store(false, Ordering::Relaxed);
 }
-
-/// Binds a tunnel's TCP listener.
-pub async fn bind(config: &TunnelConfig) -> Result<Arc<TcpListener>, RunError> {
-    let addr = config.listen();
-    TcpListener::bind(addr)
-        .await
-        .map(Arc::new)
-        .map_err(|source| RunError::Bind {
-            kind: config.kind(),
-            tunnel: config.name().to_string(),
-            addr,
-            source,
-        })
-}

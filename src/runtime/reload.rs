@@ -25,7 +25,7 @@ use tracing::warn;
 
 use super::launch::{self, PolicyCell, Prepared, Running};
 use super::{log_revocations, Daemon, TunnelConfig, TunnelEntry};
-use crate::config::Config;
+use crate::config::{Config, ListenAddress};
 use crate::metrics::TunnelKind;
 use crate::policy::Policy;
 use crate::proxy::registry::ConnectionRegistry;
@@ -81,7 +81,7 @@ impl Daemon {
     /// Phase one: decides each tunnel's fate and prepares every tunnel to
     /// start, touching nothing that runs.
     async fn prepare(
-        &self,
+        &mut self,
         wanted: Vec<TunnelConfig>,
         policies: Vec<Policy>,
     ) -> Result<Vec<Step>, String> {
@@ -100,12 +100,15 @@ impl Daemon {
             .collect();
         // The sockets of the tunnels that stop, for a new tunnel on the
         // same address to take over.
-        let mut handover: HashMap<_, Arc<TcpListener>> = self
+        let mut handover: HashMap<ListenAddress, Arc<TcpListener>> = self
             .running
             .iter()
             .enumerate()
             .filter(|(i, _)| !kept.contains(i))
-            .filter_map(|(_, r)| Some((r.entry.config.listen(), Arc::clone(r.listener.as_ref()?))))
+            .filter_map(|(_, r)| {
+                let listener = Arc::clone(r.listener.as_ref()?);
+                Some((r.entry.config.listen().clone(), listener))
+            })
             .collect();
         let mut steps = Vec::new();
         for (config, policy) in wanted.into_iter().zip(policies) {
@@ -121,9 +124,14 @@ impl Daemon {
                 ),
                 None => (Arc::new(ArcSwap::from_pointee(policy)), None),
             };
-            let listener = match handover.remove(&config.listen()) {
+            let listener = match handover.remove(config.listen()) {
                 Some(listener) => listener,
-                None => launch::bind(&config).await.map_err(|e| e.to_string())?,
+                None => Arc::new(
+                    self.inherited
+                        .acquire(config.listen(), config.owner())
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
             };
             let prepared =
                 launch::prepare(config, cell, listener, &self.ctx).map_err(|e| e.to_string())?;

@@ -64,10 +64,15 @@ impl Daemon {
     }
 
     pub fn spawn(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn_exe(Path::new(binary()), args, dir, env)
+    }
+
+    /// [`Daemon::spawn`] of the binary at `exe` (a copy a test may swap).
+    pub fn spawn_exe(exe: &Path, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let file = std::fs::File::create(&log).expect("create log file");
-        let child = Command::new(binary())
+        let child = Command::new(exe)
             .args(args)
             .env("RUST_LOG", "spiffe_tunnel=debug,info")
             .envs(env.iter().copied())

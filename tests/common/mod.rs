@@ -8,3 +8,4 @@ pub mod netns;
 pub mod pp2;
 pub mod probe;
 pub mod targets;
+pub mod upgrade;
