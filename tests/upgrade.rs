@@ -20,8 +20,8 @@ async fn upgrades_under_load_drop_no_connection() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("example.org");
     let target = Target::start(TargetMode::Echo).await;
-    let drain = Duration::from_secs(3);
-    let node = Node::start(&tmp.path().join("node"), &ca, target.addr, "3s").await;
+    let drain = Duration::from_secs(2);
+    let node = Node::start(&tmp.path().join("node"), &ca, target.addr, "2s").await;
     let started = Instant::now();
     for i in 0..50 {
         let msg = format!("warm-up {i}");
@@ -112,4 +112,426 @@ async fn upgrades_under_load_drop_no_connection() {
     signal(pid, "TERM");
     assert_eq!(wait_exit(pid, Duration::from_secs(10)).await, Some(0));
     assert!(probe::panic_lines(&node.log()).is_empty(), "{}", node.log());
+}
+
+/// The last log line that contains `needle`.
+fn last_line(log: &str, needle: &str) -> String {
+    log.lines()
+        .rfind(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"))
+        .to_string()
+}
+
+/// A bad config, a binary that cannot run, one that is not ours: each
+/// upgrade fails, the old process serves on without losing a connection,
+/// and says why. Then the real binary again, through `spiffe-tunnel upgrade`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upgrades_leave_the_old_process_serving() {
+    become_subreaper();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let node = Node::start(&tmp.path().join("node"), &ca, target.addr, "1s").await;
+    let pid = node.pid().unwrap();
+    let load = Load::start(node.out_addr, 2);
+    let mut served = 0;
+    let mut still_serving = |failures: usize| {
+        assert_eq!(node.pid(), Some(pid), "after failure {failures}");
+        assert!(running(pid));
+        assert_eq!(serving_pids(node.in_addr.port()), [pid]);
+        served += 1;
+    };
+
+    // 1. The config is invalid now: the new process says where, and exits 2.
+    let good = std::fs::read_to_string(&node.config).unwrap();
+    let bad = node.config_text(
+        "[[inbound]]\nname = \"broken\"\nlisten = \"nowhere\"\ntarget = \"127.0.0.1:1\"\nallow = [\"spiffe://example.org/x\"]\n",
+    );
+    let line = bad.lines().position(|l| l.contains("nowhere")).unwrap() + 1;
+    std::fs::write(&node.config, &bad).unwrap();
+    signal(pid, "USR2");
+    node.wait_log("upgrade failed", 1).await;
+    let failure = last_line(&node.log(), "upgrade failed");
+    assert!(
+        failure.contains(&format!("tunnel.toml:{line}: inbound[1].listen"))
+            && failure.contains("exit status: 2"),
+        "{failure}"
+    );
+    still_serving(1);
+    std::fs::write(&node.config, &good).unwrap();
+
+    // 2. The binary at our path is not executable.
+    std::fs::set_permissions(
+        &node.exe,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    signal(pid, "USR2");
+    node.wait_log("upgrade failed", 2).await;
+    let failure = last_line(&node.log(), "upgrade failed");
+    assert!(failure.contains("Permission denied"), "{failure}");
+    still_serving(2);
+
+    // 3. Something else is there now, which exits at once.
+    let script = tmp.path().join("not-spiffe-tunnel");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'I am not spiffe-tunnel' >&2\nexit 3\n",
+    )
+    .unwrap();
+    replace_binary(&node.exe, &script);
+    signal(pid, "USR2");
+    node.wait_log("upgrade failed", 3).await;
+    let failure = last_line(&node.log(), "upgrade failed");
+    assert!(failure.contains("exit status: 3"), "{failure}");
+    still_serving(3);
+    let metrics = probe::metrics(node.admin).await;
+    let upgrades = |result: &str| {
+        probe::sample(
+            &metrics,
+            &format!("spiffe_tunnel_upgrades_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(
+        (upgrades("failed"), upgrades("ok")),
+        (3.0, 0.0),
+        "{metrics}"
+    );
+
+    // 4. The real binary again: `upgrade` waits for the new process.
+    replace_binary(&node.exe, std::path::Path::new(binary()));
+    let before = load.attempts();
+    let out = std::process::Command::new(binary())
+        .args(["upgrade", "--pid-file", node.pid_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = node.pid().unwrap();
+    assert!(
+        new != pid && text.contains(&format!("{pid} handed over to {new}")),
+        "{text}"
+    );
+    assert_eq!(wait_exit(pid, Duration::from_secs(10)).await, Some(0));
+    load.wait_attempts(before + 100, Duration::from_secs(30))
+        .await;
+    let (attempted, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{attempted} attempted, failed: {failures:?}"
+    );
+    assert_eq!(served, 3);
+    signal(new, "TERM");
+    assert_eq!(wait_exit(new, Duration::from_secs(10)).await, Some(0));
+}
+
+/// The pid in a "new_pid=N" field of the last line with `needle`.
+fn logged_pid(log: &str, needle: &str) -> u32 {
+    let line = last_line(log, needle);
+    line.split("new_pid=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no new_pid in {line:?}"))
+}
+
+/// Waits until `pid` is gone: reaped here, or by its own parent.
+async fn wait_gone(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        if !running(pid) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still runs after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM while the new process is still starting stops both; SIGTERM to
+/// both after the hand-over lets each drain its own connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_upgrade_drains_both_and_nothing_hangs() {
+    become_subreaper();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+
+    // Before ready: the new process waits for a Workload API nobody serves.
+    let node = Node::start(&tmp.path().join("a"), &ca, target.addr, "5s").await;
+    let pid = node.pid().unwrap();
+    let files = "source = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n[identity.bundles]\n\"example.org\" = \"bundle.pem\"\n";
+    let stuck = node.config_text("").replace(
+        files,
+        &format!(
+            "source = \"workload_api\"\nsocket = \"unix://{}\"\nstartup_timeout = \"60s\"\n",
+            node.dir.join("nobody.sock").display()
+        ),
+    );
+    std::fs::write(&node.config, stuck).unwrap();
+    let live = long_lived(node.out_addr, Some(Duration::from_secs(1))).await;
+    signal(pid, "USR2");
+    node.wait_log("upgrade: started the new process", 1).await;
+    let child = logged_pid(&node.log(), "upgrade: started the new process");
+    signal(pid, "USR2");
+    node.wait_log("an upgrade is already under way", 1).await;
+    let stopping = Instant::now();
+    signal(pid, "TERM");
+    assert_eq!(wait_exit(pid, Duration::from_secs(10)).await, Some(0));
+    wait_gone(child, Duration::from_secs(5)).await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        live.await.unwrap().cut_at.is_none(),
+        "the live connection was cut"
+    );
+    assert!(
+        node.log().contains("stopped during start-up"),
+        "{}",
+        node.log()
+    );
+
+    // After the hand-over: each process drains what it holds.
+    let node = Node::start(&tmp.path().join("b"), &ca, target.addr, "5s").await;
+    let old = node.pid().unwrap();
+    // The old one finishes first, so the new one is ours to reap (were it
+    // first, the old process would reap it).
+    let on_old = long_lived(node.out_addr, Some(Duration::from_millis(1000))).await;
+    signal(old, "USR2");
+    let new = node.wait_pid(Some(old)).await;
+    let on_new = long_lived(node.out_addr, Some(Duration::from_millis(2000))).await;
+    let stopping = Instant::now();
+    signal(new, "TERM");
+    signal(old, "TERM");
+    assert_eq!(wait_exit(old, Duration::from_secs(10)).await, Some(0));
+    assert_eq!(wait_exit(new, Duration::from_secs(10)).await, Some(0));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        on_old.await.unwrap().cut_at.is_none(),
+        "cut on the old process"
+    );
+    assert!(
+        on_new.await.unwrap().cut_at.is_none(),
+        "cut on the new process"
+    );
+}
+
+const API: &str = "spiffe://example.org/api";
+const WEB: &str = "spiffe://example.org/web";
+
+/// A file-identity config of `id` (files written to `dir`) with `tunnels`.
+fn write_config(dir: &std::path::Path, ca: &Ca, id: &str, tunnels: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    ca.leaf(id).write_files(dir);
+    let config = dir.join("tunnel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n\
+             [identity.bundles]\n\"example.org\" = \"bundle.pem\"\n\
+             [defaults]\ndrain_timeout = \"5s\"\n{tunnels}"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn inbound_on(listen: &str, target: std::net::SocketAddr) -> String {
+    format!("[[inbound]]\nname = \"api\"\nlisten = \"{listen}\"\ntarget = \"{target}\"\nallow = [\"{WEB}\"]\n")
+}
+
+/// systemd's own launcher: it binds, waits for the first connection and
+/// then starts the daemon with the socket, as a `.socket` unit does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_by_systemd_socket_activate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let web = ca.leaf(WEB);
+    let client = || raw_client_config(Some((&web.chain_pem, &web.key_pem)));
+    let activate = |dir: &std::path::Path, addr: std::net::SocketAddr, config: &std::path::Path| {
+        Daemon::spawn_exe(
+            std::path::Path::new("systemd-socket-activate"),
+            &[
+                &format!("--listen={addr}"),
+                "--fdname=web-in",
+                "-E",
+                "RUST_LOG",
+                binary(),
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+            ],
+            dir,
+            &[],
+        )
+    };
+
+    let dir = tmp.path().join("ok");
+    let config = write_config(&dir, &ca, API, &inbound_on("systemd:web-in", target.addr));
+    let check = std::process::Command::new(binary())
+        .args(["check", "-c", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && text.contains("mTLS on systemd:web-in"),
+        "{text}"
+    );
+    let addr = free_addr();
+    let daemon = activate(&dir, addr, &config);
+    // The first connection waits in the socket's queue while the daemon starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        match raw_tls_roundtrip(addr, client(), b"activated").await {
+            Ok(answer) => break answer,
+            Err(e) if Instant::now() < deadline => {
+                // systemd-socket-activate may not be listening yet.
+                assert!(e.kind() == std::io::ErrorKind::ConnectionRefused, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}\n{}", daemon.log()),
+        }
+    };
+    assert_eq!(answer, b"activated");
+    daemon
+        .wait_log("listen=systemd:web-in", 1, Duration::from_secs(5))
+        .await;
+
+    // A name systemd did not pass: the error names the tunnel, the name
+    // and what was passed, and the exit code says configuration (2).
+    let dir = tmp.path().join("missing");
+    let config = write_config(&dir, &ca, API, &inbound_on("systemd:nope", target.addr));
+    let addr = free_addr();
+    let mut daemon = activate(&dir, addr, &config);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).await, Some(2));
+    let error = last_line(&daemon.log(), "nope");
+    assert!(
+        error.contains("inbound tunnel \"api\"") && error.contains("passed: \"web-in\""),
+        "{error}"
+    );
+}
+
+/// A launcher that holds the sockets (as systemd's .socket unit does)
+/// and starts the daemon with them at fds 3.., LISTEN_PID set by the shell
+/// that then becomes the daemon.
+fn launch(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    sockets: &[(&str, &std::net::TcpListener)],
+) -> Daemon {
+    use command_fds::{CommandFdExt, FdMapping};
+    use std::os::fd::AsFd;
+    let mut command = std::process::Command::new("sh");
+    command
+        .args([
+            "-c",
+            "LISTEN_PID=$$ exec \"$@\"",
+            "sh",
+            binary(),
+            "run",
+            "-c",
+        ])
+        .arg(config)
+        .env("LISTEN_FDS", sockets.len().to_string())
+        .env(
+            "LISTEN_FDNAMES",
+            sockets
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(":"),
+        );
+    let mappings = sockets
+        .iter()
+        .enumerate()
+        .map(|(i, (_, socket))| FdMapping {
+            parent_fd: socket.as_fd().try_clone_to_owned().unwrap(),
+            child_fd: 3 + i as i32,
+        })
+        .collect();
+    command.fd_mappings(mappings).unwrap();
+    Daemon::spawn_command(command, dir)
+}
+
+/// `systemctl restart` of a socket-activated daemon: the launcher holds
+/// the socket, the process is stopped and started again, connections wait
+/// in the kernel meanwhile and are served; then an upgrade of the
+/// activated process passes the systemd socket on under its own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_socket_activation_drops_no_connection() {
+    become_subreaper();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let in_addr = socket.local_addr().unwrap();
+    let dir = tmp.path().join("activated");
+    let config = write_config(&dir, &ca, API, &inbound_on("systemd:api", target.addr));
+    let out_addr = free_addr();
+    let client_config = write_config(
+        &tmp.path().join("client"),
+        &ca,
+        WEB,
+        &format!("[[outbound]]\nname = \"api\"\nlisten = \"{out_addr}\"\nupstreams = [\"{in_addr}\"]\nallow = [\"{API}\"]\n"),
+    );
+    let client = Daemon::run(&client_config);
+    client.wait_running().await;
+
+    let mut server = launch(&dir, &config, &[("api", &socket)]);
+    server.wait_running().await;
+    let load = Load::start(out_addr, 2);
+    for restart in 1..=2 {
+        load.wait_attempts(restart * 150, Duration::from_secs(30))
+            .await;
+        server.signal("TERM");
+        assert_eq!(server.wait_exit(Duration::from_secs(10)).await, Some(0));
+        // Stopped: nothing accepts, yet connections wait in the queue.
+        server = launch(&dir, &config, &[("api", &socket)]);
+        server.wait_running().await;
+    }
+    // The activated process upgrades: the new one finds "api" passed on.
+    let pid = server.pid();
+    server.signal("USR2");
+    server
+        .wait_log(
+            "upgrade: the new process is ready",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let new = logged_pid(&server.log(), "upgrade: the new process is ready");
+    assert_ne!(new, pid);
+    load.wait_attempts(load.attempts() + 100, Duration::from_secs(30))
+        .await;
+    let (attempted, failures) = load.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{attempted} attempted; failed: {failures:?}"
+    );
+    drop(socket);
+    signal(new, "TERM");
+    assert_eq!(wait_exit(new, Duration::from_secs(10)).await, Some(0));
 }

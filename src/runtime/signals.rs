@@ -133,7 +133,19 @@ impl Daemon {
             // Not after a hand-over: systemd follows the new process now.
             n.stopping();
         }
-        self.drain(signals.stop()).await;
+        if handed_over {
+            // systemd's stop signals every process of the unit: to one
+            // that drains after a hand-over, the first SIGTERM is no
+            // reason to cut what it drains.
+            self.drain(async move {
+                signals.stop().await;
+                info!("already draining after an upgrade; a second signal closes the remaining connections now");
+                signals.stop().await;
+            })
+            .await;
+        } else {
+            self.drain(signals.stop()).await;
+        }
         Ok(())
     }
 

@@ -69,13 +69,21 @@ impl Daemon {
 
     /// [`Daemon::spawn`] of the binary at `exe` (a copy a test may swap).
     pub fn spawn_exe(exe: &Path, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(exe);
+        command.args(args).envs(env.iter().copied());
+        Self::spawn_command(command, dir)
+    }
+
+    /// Starts `command` (a daemon, or a launcher that becomes one) with the
+    /// test's log settings, logging to a new file in `dir`.
+    pub fn spawn_command(mut command: Command, dir: &Path) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let file = std::fs::File::create(&log).expect("create log file");
-        let child = Command::new(exe)
-            .args(args)
-            .env("RUST_LOG", "spiffe_tunnel=debug,info")
-            .envs(env.iter().copied())
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "spiffe_tunnel=debug,info");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
