@@ -1528,7 +1528,7 @@ policy = "out.policy"
             err.to_string(),
             format!(
                 "{FILE}:{}: inbound[0].listen: \"nowhere\" is not a listen address \
-                 (expected IP:port, like \"0.0.0.0:8443\" or \"[::1]:8443\")",
+                 (expected IP:port, like \"0.0.0.0:8443\" or \"[::1]:8443\", or systemd:NAME)",
                 line_of(&text, "nowhere")
             )
         );
@@ -1643,6 +1643,40 @@ policy = "out.policy"
         assert_eq!(
             config.inbound[0].listen,
             ListenAddress::Tcp("[::1]:8443".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn systemd_listen_addresses() {
+        let config = ok(&inbound("").replace("127.0.0.1:8443", "systemd:api-in"));
+        assert_eq!(
+            config.inbound[0].listen,
+            ListenAddress::Systemd("api-in".into())
+        );
+        assert_eq!(config.inbound[0].listen.to_string(), "systemd:api-in");
+        for (bad, why) in [
+            ("systemd:", "is not a systemd socket name"),
+            ("systemd:a:b", "is not a systemd socket name"),
+            ("systemd:a b", "is not a systemd socket name"),
+            ("systemd:inbound/api", "reserved for upgrades"),
+            ("systemd:spiffe-tunnel/admin", "reserved for upgrades"),
+        ] {
+            let text = inbound("").replace("127.0.0.1:8443", bad);
+            assert_invalid(&text, "listen =", "inbound[0].listen", why);
+        }
+        // Two tunnels cannot take one systemd socket.
+        let text = format!(
+            "{}\n[[outbound]]\nname = \"b\"\nlisten = \"systemd:s\"\nupstreams = [\"x:1\"]\nallow = [\"spiffe://td/x\"]\n",
+            inbound("").replace("127.0.0.1:8443", "systemd:s")
+        );
+        let (line, key, message) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (nth_line_of(&text, "listen =", 1), "outbound[0].listen")
+        );
+        assert!(
+            message.contains("already used by another listener"),
+            "{message}"
         );
     }
 

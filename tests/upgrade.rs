@@ -269,9 +269,8 @@ async fn sigterm_during_an_upgrade_drains_both_and_nothing_hangs() {
     // Before ready: the new process waits for a Workload API nobody serves.
     let node = Node::start(&tmp.path().join("a"), &ca, target.addr, "5s").await;
     let pid = node.pid().unwrap();
-    let files = "source = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n[identity.bundles]\n\"example.org\" = \"bundle.pem\"\n";
     let stuck = node.config_text("").replace(
-        files,
+        FILE_IDENTITY.trim_start_matches("[identity]\n"),
         &format!(
             "source = \"workload_api\"\nsocket = \"unix://{}\"\nstartup_timeout = \"60s\"\n",
             node.dir.join("nobody.sock").display()
@@ -334,23 +333,7 @@ async fn sigterm_during_an_upgrade_drains_both_and_nothing_hangs() {
 
 const API: &str = "spiffe://example.org/api";
 const WEB: &str = "spiffe://example.org/web";
-
-/// A file-identity config of `id` (files written to `dir`) with `tunnels`.
-fn write_config(dir: &std::path::Path, ca: &Ca, id: &str, tunnels: &str) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    ca.leaf(id).write_files(dir);
-    let config = dir.join("tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n\
-             [identity.bundles]\n\"example.org\" = \"bundle.pem\"\n\
-             [defaults]\ndrain_timeout = \"5s\"\n{tunnels}"
-        ),
-    )
-    .unwrap();
-    config
-}
+const DRAIN: &str = "[defaults]\ndrain_timeout = \"5s\"\n";
 
 fn inbound_on(listen: &str, target: std::net::SocketAddr) -> String {
     format!("[[inbound]]\nname = \"api\"\nlisten = \"{listen}\"\ntarget = \"{target}\"\nallow = [\"{WEB}\"]\n")
@@ -384,7 +367,12 @@ async fn socket_activation_by_systemd_socket_activate() {
     };
 
     let dir = tmp.path().join("ok");
-    let config = write_config(&dir, &ca, API, &inbound_on("systemd:web-in", target.addr));
+    let config = write_config(
+        &dir,
+        &ca,
+        API,
+        &format!("{DRAIN}{}", inbound_on("systemd:web-in", target.addr)),
+    );
     let check = std::process::Command::new(binary())
         .args(["check", "-c", config.to_str().unwrap()])
         .output()
@@ -414,10 +402,40 @@ async fn socket_activation_by_systemd_socket_activate() {
         .wait_log("listen=systemd:web-in", 1, Duration::from_secs(5))
         .await;
 
+    // A tunnel on IP:port takes the passed socket bound to that address,
+    // so one .socket unit can serve a config that names no systemd socket.
+    let dir = tmp.path().join("by-address");
+    let addr = free_addr();
+    let config = write_config(
+        &dir,
+        &ca,
+        API,
+        &format!("{DRAIN}{}", inbound_on(&addr.to_string(), target.addr)),
+    );
+    let by_address = activate(&dir, addr, &config);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while raw_tls_roundtrip(addr, client(), b"by address")
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "{}", by_address.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !by_address.log().contains("used by no tunnel"),
+        "{}",
+        by_address.log()
+    );
+
     // A name systemd did not pass: the error names the tunnel, the name
     // and what was passed, and the exit code says configuration (2).
     let dir = tmp.path().join("missing");
-    let config = write_config(&dir, &ca, API, &inbound_on("systemd:nope", target.addr));
+    let config = write_config(
+        &dir,
+        &ca,
+        API,
+        &format!("{DRAIN}{}", inbound_on("systemd:nope", target.addr)),
+    );
     let addr = free_addr();
     let mut daemon = activate(&dir, addr, &config);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -488,13 +506,18 @@ async fn a_restart_under_socket_activation_drops_no_connection() {
     let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let in_addr = socket.local_addr().unwrap();
     let dir = tmp.path().join("activated");
-    let config = write_config(&dir, &ca, API, &inbound_on("systemd:api", target.addr));
+    let config = write_config(
+        &dir,
+        &ca,
+        API,
+        &format!("{DRAIN}{}", inbound_on("systemd:api", target.addr)),
+    );
     let out_addr = free_addr();
     let client_config = write_config(
         &tmp.path().join("client"),
         &ca,
         WEB,
-        &format!("[[outbound]]\nname = \"api\"\nlisten = \"{out_addr}\"\nupstreams = [\"{in_addr}\"]\nallow = [\"{API}\"]\n"),
+        &format!("{DRAIN}[[outbound]]\nname = \"api\"\nlisten = \"{out_addr}\"\nupstreams = [\"{in_addr}\"]\nallow = [\"{API}\"]\n"),
     );
     let client = Daemon::run(&client_config);
     client.wait_running().await;

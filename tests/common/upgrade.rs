@@ -227,13 +227,30 @@ fn config_text(
     target: SocketAddr,
     extra: &str,
 ) -> String {
-    format!(
-        "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n\
-         [identity.bundles]\n\"example.org\" = \"bundle.pem\"\n\
-         [admin]\nlisten = \"{admin}\"\n[defaults]\ndrain_timeout = \"{drain}\"\n\
+    file_identity(&format!(
+        "[admin]\nlisten = \"{admin}\"\n[defaults]\ndrain_timeout = \"{drain}\"\n\
          [[inbound]]\nname = \"api\"\nlisten = \"{in_addr}\"\ntarget = \"{target}\"\nallow = [\"{NODE}\"]\n\
          [[outbound]]\nname = \"api\"\nlisten = \"{out_addr}\"\nupstreams = [\"{in_addr}\"]\nallow = [\"{NODE}\"]\n{extra}"
-    )
+    ))
+}
+
+/// The `[identity]` tables of a files identity (`svid.pem`, `svid.key`,
+/// `bundle.pem` beside the config), then `tables`.
+pub const FILE_IDENTITY: &str =
+    "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n\
+     [identity.bundles]\n\"example.org\" = \"bundle.pem\"\n";
+
+pub fn file_identity(tables: &str) -> String {
+    format!("{FILE_IDENTITY}{tables}")
+}
+
+/// Writes `id`'s files and a config of `tables` on them into `dir`.
+pub fn write_config(dir: &Path, ca: &Ca, id: &str, tables: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    ca.leaf(id).write_files(dir);
+    let config = dir.join("tunnel.toml");
+    std::fs::write(&config, file_identity(tables)).unwrap();
+    config
 }
 
 /// Sends a signal by name with `kill`.
