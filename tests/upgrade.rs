@@ -32,6 +32,10 @@ async fn upgrades_under_load_drop_no_connection() {
     }
     let mut pid = node.pid().unwrap();
     let baseline = Usage::of(pid);
+    let ready = |pid: u32| {
+        format!("READY=1\nSTATUS=serving 1 inbound and 1 outbound tunnel(s)\nMAINPID={pid}")
+    };
+    assert_eq!(node.notifications(), [ready(pid)]);
 
     let load = Load::start(node.out_addr, 4);
     let (mut finite, mut outliving) = (Vec::new(), Vec::new());
@@ -61,6 +65,9 @@ async fn upgrades_under_load_drop_no_connection() {
             cut.duration_since(signalled)
         );
         outliving.push(tokio::spawn(async move { outlived }));
+        // systemd follows the new process; the old one says nothing more
+        // (no STOPPING=1: the service is not stopping).
+        assert_eq!(node.notifications(), [ready(new)], "upgrade {round}");
         for port in [node.in_addr.port(), node.out_addr.port(), node.admin.port()] {
             assert_eq!(
                 serving_pids(port),

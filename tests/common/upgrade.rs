@@ -130,6 +130,8 @@ pub struct Node {
     pub drain: &'static str,
     /// The first process; later ones are found through the pid file.
     pub first: Daemon,
+    /// A stand-in for systemd's notification socket (`NOTIFY_SOCKET`).
+    pub notify: std::os::unix::net::UnixDatagram,
 }
 
 impl Node {
@@ -151,7 +153,15 @@ impl Node {
             "--pid-file",
             pid_file.to_str().unwrap(),
         ];
-        let first = Daemon::spawn_exe(&exe, &run, dir, &[]);
+        let notify_path = dir.join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_nonblocking(true).unwrap();
+        let first = Daemon::spawn_exe(
+            &exe,
+            &run,
+            dir,
+            &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+        );
         let node = Node {
             dir: dir.to_path_buf(),
             exe,
@@ -163,6 +173,7 @@ impl Node {
             target,
             drain,
             first,
+            notify,
         };
         node.first.wait_running().await;
         node.wait_pid(None).await;
@@ -205,6 +216,16 @@ impl Node {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The notifications sent to "systemd" since the last call.
+    pub fn notifications(&self) -> Vec<String> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.notify.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got
     }
 
     /// The log every process of the node writes to (they share stderr).
