@@ -64,7 +64,29 @@ impl Daemon {
     }
 
     pub fn spawn(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
-        Self::spawn_exe(Path::new(binary()), args, dir, env)
+        Self::spawn_as(args, dir, env, None)
+    }
+
+    /// `spiffe-tunnel run -c config` under another uid (and gid), so a
+    /// Workload API server attests it as another workload. `config` and
+    /// its folder must be readable by that uid.
+    pub fn run_as(config: &Path, uid: u32) -> Self {
+        Self::spawn_as(
+            &["run", "-c", config.to_str().unwrap()],
+            config.parent().unwrap(),
+            &[],
+            Some(uid),
+        )
+    }
+
+    pub fn spawn_as(args: &[&str], dir: &Path, env: &[(&str, &str)], uid: Option<u32>) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(binary());
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        command.args(args).envs(env.iter().copied());
+        Self::spawn_command(command, dir)
     }
 
     /// [`Daemon::spawn`] of the binary at `exe` (a copy a test may swap).

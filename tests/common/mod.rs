@@ -7,5 +7,8 @@ pub mod harness;
 pub mod netns;
 pub mod pp2;
 pub mod probe;
+pub mod spire;
 pub mod targets;
+pub mod traffic;
 pub mod upgrade;
+pub mod workload_tunnel;
