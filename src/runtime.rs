@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -342,28 +341,8 @@ impl Daemon {
         let store = IdentityStore::new();
         let registry = ConnectionRegistry::new();
         let tunnels = TunnelConfig::all(&config);
-        let mut listeners: Vec<Option<Arc<TcpListener>>> = vec![None; tunnels.len()];
-        // systemd names first: an address match must not take a socket
-        // that a `systemd:NAME` tunnel needs.
-        let mut order: Vec<usize> = (0..tunnels.len()).collect();
-        order.sort_by_key(|&i| !matches!(tunnels[i].listen(), ListenAddress::Systemd(_)));
-        for i in order {
-            let listener = inherited
-                .acquire(tunnels[i].listen(), tunnels[i].owner())
-                .await?;
-            listeners[i] = Some(Arc::new(listener));
-        }
-        let admin_listener = match config.admin.listen {
-            Some(addr) => Some(
-                inherited
-                    .acquire(&ListenAddress::Tcp(addr), Owner::Admin)
-                    .await?,
-            ),
-            None => None,
-        };
-        for note in inherited.close_unclaimed() {
-            warn!("{note}");
-        }
+        let (listeners, admin_listener) =
+            launch::acquire_listeners(&tunnels, config.admin.listen, &mut inherited).await?;
         let (mut tasks, identity_source, api_health) =
             start_identity_source(&config, socket_override, &store, &metrics).await?;
         let ctx = TunnelContext {
@@ -373,7 +352,7 @@ impl Daemon {
         };
         // Every tunnel built before any starts.
         let mut prepared = Vec::new();
-        for (tunnel, listener) in tunnels.into_iter().zip(listeners.into_iter().flatten()) {
+        for (tunnel, listener) in tunnels.into_iter().zip(listeners) {
             let policy = Arc::new(ArcSwap::from_pointee(tunnel.load_policy()?));
             prepared.push(launch::prepare(tunnel, policy, listener, &ctx)?);
         }
@@ -461,52 +440,6 @@ impl Daemon {
             ok,
             message,
         })));
-    }
-
-    /// Stops accepting, lets live connections finish for up to the longest
-    /// `drain_timeout`, then closes the rest. `second_signal` closes them
-    /// at once.
-    pub async fn drain(mut self, second_signal: impl std::future::Future<Output = ()>) {
-        self.shared.draining.store(true, Ordering::Relaxed);
-        for r in &mut self.running {
-            r.stop_accepting().await;
-            // Our reference to the socket goes too, so the port closes.
-            r.listener = None;
-        }
-        let running = &self.running;
-        let deadline = running
-            .iter()
-            .map(|r| r.entry.tunnel.settings.drain_timeout)
-            .max()
-            .unwrap_or_default();
-        let live: usize = running
-            .iter()
-            .map(|r| r.entry.tunnel.active_connections())
-            .sum();
-        info!(live_connections = live, drain_timeout = ?deadline, "draining: no new connections are accepted");
-        for r in running {
-            r.entry.tunnel.connections.close();
-        }
-        let all_done = async {
-            for r in running {
-                r.entry.tunnel.connections.wait().await;
-            }
-        };
-        tokio::select! {
-            () = all_done => info!("drained: every connection finished"),
-            () = tokio::time::sleep(deadline) => warn!("drain timeout passed; closing the remaining connections"),
-            () = second_signal => warn!("second signal: closing the remaining connections now"),
-        }
-        for r in running {
-            r.entry.tunnel.close_all.cancel();
-        }
-        // The copies end at their next poll; give them a moment to flush.
-        let closed = async {
-            for r in running {
-                r.entry.tunnel.connections.wait().await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
     }
 }
 

@@ -13,6 +13,7 @@
 //! port is never closed and connections that arrive in between wait in
 //! its queue.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use super::{RunError, TunnelConfig, TunnelEntry};
+use crate::config::ListenAddress;
+use crate::listen::{Inherited, Owner};
 use crate::metrics::TunnelKind;
 use crate::policy::Policy;
 use crate::proxy::balance::Balancer;
@@ -204,4 +207,33 @@ impl Running {
 async fn serve_flagged(serve: impl std::future::Future<Output = ()>, listening: Arc<AtomicBool>) {
     serve.await;
     listening.store(false, Ordering::Relaxed);
+}
+
+/// Takes each tunnel's listening socket (passed at start-up, or bound)
+/// and the admin endpoint's. Sockets passed by systemd name go first, so
+/// an `IP:port` tunnel matching by address cannot take one that a
+/// `systemd:NAME` tunnel needs.
+pub async fn acquire_listeners(
+    tunnels: &[TunnelConfig],
+    admin: Option<SocketAddr>,
+    inherited: &mut Inherited,
+) -> Result<(Vec<Arc<TcpListener>>, Option<TcpListener>), RunError> {
+    let mut listeners: Vec<Option<Arc<TcpListener>>> = vec![None; tunnels.len()];
+    let mut order: Vec<usize> = (0..tunnels.len()).collect();
+    order.sort_by_key(|&i| !matches!(tunnels[i].listen(), ListenAddress::Systemd(_)));
+    for i in order {
+        let listener = inherited
+            .acquire(tunnels[i].listen(), tunnels[i].owner())
+            .await?;
+        listeners[i] = Some(Arc::new(listener));
+    }
+    let admin = match admin {
+        Some(addr) => Some(
+            inherited
+                .acquire(&ListenAddress::Tcp(addr), Owner::Admin)
+                .await?,
+        ),
+        None => None,
+    };
+    Ok((listeners.into_iter().flatten().collect(), admin))
 }

@@ -11,6 +11,7 @@
 //! its outcome; SIGTERM stops the successor and drains this process.
 
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -201,5 +202,51 @@ impl Daemon {
     fn upgrade_failed(&self, reason: &str) {
         self.metrics.upgrade(false);
         error!(reason, "upgrade failed; this process keeps serving");
+    }
+
+    /// Stops accepting, lets live connections finish for up to the longest
+    /// `drain_timeout`, then closes the rest. `second_signal` closes them
+    /// at once.
+    pub async fn drain(mut self, second_signal: impl std::future::Future<Output = ()>) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        for r in &mut self.running {
+            r.stop_accepting().await;
+            // Our reference to the socket goes too, so the port closes.
+            r.listener = None;
+        }
+        let running = &self.running;
+        let deadline = running
+            .iter()
+            .map(|r| r.entry.tunnel.settings.drain_timeout)
+            .max()
+            .unwrap_or_default();
+        let live: usize = running
+            .iter()
+            .map(|r| r.entry.tunnel.active_connections())
+            .sum();
+        info!(live_connections = live, drain_timeout = ?deadline, "draining: no new connections are accepted");
+        for r in running {
+            r.entry.tunnel.connections.close();
+        }
+        let all_done = async {
+            for r in running {
+                r.entry.tunnel.connections.wait().await;
+            }
+        };
+        tokio::select! {
+            () = all_done => info!("drained: every connection finished"),
+            () = tokio::time::sleep(deadline) => warn!("drain timeout passed; closing the remaining connections"),
+            () = second_signal => warn!("second signal: closing the remaining connections now"),
+        }
+        for r in running {
+            r.entry.tunnel.close_all.cancel();
+        }
+        // The copies end at their next poll; give them a moment to flush.
+        let closed = async {
+            for r in running {
+                r.entry.tunnel.connections.wait().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
     }
 }
