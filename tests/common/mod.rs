@@ -10,4 +10,5 @@ pub mod probe;
 pub mod spire;
 pub mod targets;
 pub mod traffic;
+pub mod upgrade;
 pub mod workload_tunnel;
