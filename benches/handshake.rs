@@ -27,7 +27,7 @@ use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConfig, Server
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, ServerName};
 use spiffe_tunnel::config::MinTls;
-use spiffe_tunnel::identity::{Identity, IdentityStore, Svid};
+use spiffe_tunnel::identity::{Identity, IdentityStore, Svid, SvidSelector};
 use spiffe_tunnel::policy::{parse_rule, Policy};
 use spiffe_tunnel::spiffe_id::{self, SpiffeId};
 use spiffe_tunnel::tls::config::{client_config, provider, server_config, TlsSettings};
@@ -66,7 +66,7 @@ fn settings(store: &Arc<IdentityStore>, ours: &str, allow: &str) -> TlsSettings 
     TlsSettings {
         store: Arc::clone(store),
         policy: policy(allow),
-        svid: Some(id(ours)),
+        svid: SvidSelector::by_id(id(ours)),
         min_tls: MinTls::Tls13,
         session_resumption: true,
     }

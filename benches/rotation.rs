@@ -73,7 +73,7 @@ fn bench_rotation(c: &mut Criterion) {
     let settings = TlsSettings {
         store: Arc::clone(&store),
         policy: Arc::new(ArcSwap::from_pointee(policy)),
-        svid: None,
+        svid: spiffe_tunnel::identity::SvidSelector::default(),
         min_tls: MinTls::Tls13,
         session_resumption: true,
     };

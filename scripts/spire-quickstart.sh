@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
 # spiffe-tunnel with a real SPIRE server and agent on one machine.
 #
-# Needs a SPIRE release you installed yourself (https://spiffe.io/downloads):
-# spire-server and spire-agent on PATH, or given as SPIRE_SERVER/SPIRE_AGENT.
+# Needs spire-server and spire-agent: a SPIRE release you installed
+# (https://spiffe.io/downloads) on PATH, or given as SPIRE_SERVER/SPIRE_AGENT
+# (scripts/test builds v1.13.3 into target/spire/1.13.3/bin).
 # It starts the server, attests an agent with a join token, registers two
 # workloads for your uid (spiffe://example.org/web and .../api), starts an
 # inbound and an outbound tunnel end against the agent's Workload API, and
 # sends a request through them. Everything stops on exit (Ctrl-C).
 #
 # Usage: scripts/spire-quickstart.sh        (from the repository root)
+#
+# Environment (all optional):
+#   SPIRE_SERVER, SPIRE_AGENT  the SPIRE binaries (default: from PATH)
+#   SPIFFE_TUNNEL              the spiffe-tunnel binary (default: target/release,
+#                              built if missing)
+#   QUICKSTART_DIR             work folder for SPIRE's data, sockets and all logs
+#                              (default /tmp/spiffe-tunnel-spire; emptied first)
+#   QUICKSTART_AGENT_SOCKET    the agent's Workload API socket (default
+#                              /tmp/spire-agent/public/api.sock, which
+#                              examples/spire/*.toml name)
+# Fixed ports: SPIRE server 8081, backend 8000, tunnels 8443 and 8080, admin
+# endpoints 9901 and 9902.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 spire_server=${SPIRE_SERVER:-spire-server}
 spire_agent=${SPIRE_AGENT:-spire-agent}
 tunnel=${SPIFFE_TUNNEL:-"$repo/target/release/spiffe-tunnel"}
-work=/tmp/spiffe-tunnel-spire
+work=${QUICKSTART_DIR:-/tmp/spiffe-tunnel-spire}
 server_socket=$work/server/api.sock
-agent_socket=/tmp/spire-agent/public/api.sock
+agent_socket=${QUICKSTART_AGENT_SOCKET:-/tmp/spire-agent/public/api.sock}
 trust_domain=example.org
 node_id=spiffe://$trust_domain/node/quickstart
 
@@ -47,21 +60,25 @@ wait_for() {
         if "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.2
     done
-    echo "error: timed out waiting for $what" >&2
+    echo "error: timed out waiting for $what (logs are in $work)" >&2
     exit 1
 }
 
 rm -rf "$work"
 mkdir -p "$work/server/data" "$work/agent/data" "$(dirname "$agent_socket")"
+# The configs' data paths are relative: SPIRE runs in the work folder.
+cd "$work"
 
 echo "==> starting spire-server (trust domain $trust_domain)"
-"$spire_server" run -config "$repo/spire-config/server.conf" >"$work/server.log" 2>&1 &
+"$spire_server" run -config "$repo/spire-config/server.conf" \
+    -socketPath "$server_socket" >"$work/server.log" 2>&1 &
 pids+=($!)
 wait_for "spire-server" 30 "$spire_server" healthcheck -socketPath "$server_socket"
 
 echo "==> attesting an agent with a join token"
 token=$("$spire_server" token generate -socketPath "$server_socket" -spiffeID "$node_id" | awk '/Token:/ {print $2}')
-"$spire_agent" run -config "$repo/spire-config/agent.conf" -joinToken "$token" >"$work/agent.log" 2>&1 &
+"$spire_agent" run -config "$repo/spire-config/agent.conf" -socketPath "$agent_socket" \
+    -joinToken "$token" >"$work/agent.log" 2>&1 &
 pids+=($!)
 wait_for "spire-agent" 30 "$spire_agent" healthcheck -socketPath "$agent_socket"
 
@@ -84,12 +101,13 @@ echo "==> starting a backend and both tunnel ends"
 mkdir -p "$work/www" && echo "hello through spiffe-tunnel and SPIRE" >"$work/www/index.html"
 python3 -m http.server 8000 --bind 127.0.0.1 --directory "$work/www" >"$work/backend.log" 2>&1 &
 pids+=($!)
-"$tunnel" run -c "$repo/examples/spire/inbound.toml" >"$work/inbound.log" 2>&1 &
+"$tunnel" run -c "$repo/examples/spire/inbound.toml" --socket "unix://$agent_socket" >"$work/inbound.log" 2>&1 &
 pids+=($!)
-"$tunnel" run -c "$repo/examples/spire/outbound.toml" >"$work/outbound.log" 2>&1 &
+"$tunnel" run -c "$repo/examples/spire/outbound.toml" --socket "unix://$agent_socket" >"$work/outbound.log" 2>&1 &
 pids+=($!)
 wait_for "the outbound tunnel" 60 grep -q "spiffe-tunnel is running" "$work/outbound.log"
 wait_for "the inbound tunnel" 60 grep -q "spiffe-tunnel is running" "$work/inbound.log"
+wait_for "the backend" 10 curl --silent --output /dev/null http://127.0.0.1:8000/
 
 echo "==> GET http://127.0.0.1:8080/ (web -> mTLS -> api -> backend)"
 curl --fail --silent --show-error http://127.0.0.1:8080/

@@ -90,11 +90,7 @@ pub fn check_report(path: &Path) -> Result<String, String> {
             "inbound {:?}: mTLS on {} -> plain to {}",
             t.name, t.listen, t.target
         );
-        let _ = writeln!(
-            out,
-            "  presents {}; allows {rules}",
-            svid_name(t.svid.as_ref())
-        );
+        let _ = writeln!(out, "  presents {}; allows {rules}", t.svid);
         let _ = writeln!(
             out,
             "  {}{}",
@@ -115,18 +111,10 @@ pub fn check_report(path: &Path) -> Result<String, String> {
             t.listen,
             t.upstreams.join(", ")
         );
-        let _ = writeln!(
-            out,
-            "  presents {}; accepts servers by {rules}",
-            svid_name(t.svid.as_ref())
-        );
+        let _ = writeln!(out, "  presents {}; accepts servers by {rules}", t.svid);
         let _ = writeln!(out, "  {}", settings_summary(&t.settings));
     }
     Ok(out)
-}
-
-fn svid_name(svid: Option<&spiffe_id::SpiffeId>) -> String {
-    svid.map_or_else(|| "the default SVID".to_string(), |id| id.to_string())
 }
 
 fn policy_summary(spec: &PolicySpec) -> Result<String, String> {

@@ -19,8 +19,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::identity::files::FileIdentity;
+use crate::identity::SvidSelector;
 use crate::policy::{self, Policy, PolicyError, Rule};
-use crate::spiffe_id::{self, SpiffeId};
+use crate::spiffe_id;
 
 /// A config file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -144,8 +145,8 @@ pub struct InboundConfig {
     pub listen: ListenAddress,
     pub target: Target,
     pub policy: PolicySpec,
-    /// Which of our SVIDs to present; `None` means the default one.
-    pub svid: Option<SpiffeId>,
+    /// Which of our SVIDs to present (`svid`, `svid_hint`).
+    pub svid: SvidSelector,
     pub proxy_protocol: bool,
     /// One log line per connection at info level (peer, bytes, duration, result).
     pub access_log: bool,
@@ -192,7 +193,7 @@ pub struct OutboundConfig {
     /// `host:port` each; tried in turn.
     pub upstreams: Vec<String>,
     pub policy: PolicySpec,
-    pub svid: Option<SpiffeId>,
+    pub svid: SvidSelector,
     pub balance: BalanceSettings,
     /// One log line per connection at info level (peer, bytes, duration, result).
     pub access_log: bool,
@@ -307,6 +308,7 @@ macro_rules! tunnel_table {
             allow: Option<Spanned<Vec<Spanned<String>>>>,
             policy: Option<Spanned<String>>,
             svid: Option<Spanned<String>>,
+            svid_hint: Option<Spanned<String>>,
             handshake_timeout: Option<Spanned<String>>,
             connect_timeout: Option<Spanned<String>>,
             idle_timeout: Option<Spanned<String>>,
@@ -466,7 +468,7 @@ impl Config {
                 listen,
                 target,
                 policy,
-                svid: parse_svid(t.svid.as_ref(), &key("svid"), &at)?,
+                svid: parse_svid(t.svid.as_ref(), t.svid_hint.as_ref(), &identity, &key, &at)?,
                 proxy_protocol: t.proxy_protocol.unwrap_or(false),
                 access_log: t.access_log.unwrap_or(false),
                 settings: apply_settings(
@@ -541,7 +543,7 @@ impl Config {
                 listen,
                 upstreams,
                 policy,
-                svid: parse_svid(t.svid.as_ref(), &key("svid"), &at)?,
+                svid: parse_svid(t.svid.as_ref(), t.svid_hint.as_ref(), &identity, &key, &at)?,
                 balance,
                 access_log: t.access_log.unwrap_or(false),
                 settings: apply_settings(
@@ -912,17 +914,37 @@ fn parse_target(
     }
 }
 
+/// A tunnel's `svid` (a SPIFFE ID) and `svid_hint` (a Workload API hint,
+/// which only the Workload API gives).
 fn parse_svid(
-    value: Option<&Spanned<String>>,
-    key: &str,
+    id: Option<&Spanned<String>>,
+    hint: Option<&Spanned<String>>,
+    identity: &IdentityConfig,
+    key: &dyn Fn(&str) -> String,
     at: &Locator<'_>,
-) -> Result<Option<SpiffeId>, ConfigError> {
-    value
+) -> Result<SvidSelector, ConfigError> {
+    let id = id
         .map(|v| {
             spiffe_id::parse_workload_id(v.get_ref())
-                .map_err(|e| at.error(&v.span(), key, e.to_string()))
+                .map_err(|e| at.error(&v.span(), key("svid"), e.to_string()))
         })
-        .transpose()
+        .transpose()?;
+    let hint = hint
+        .map(|h| {
+            if h.get_ref().is_empty() {
+                return Err(at.error(&h.span(), key("svid_hint"), "must not be empty"));
+            }
+            if matches!(identity, IdentityConfig::Files(_)) {
+                return Err(at.error(
+                    &h.span(),
+                    key("svid_hint"),
+                    "hints come from the Workload API (a SPIRE entry's -hint); it needs source = \"workload_api\"",
+                ));
+            }
+            Ok(h.get_ref().clone())
+        })
+        .transpose()?;
+    Ok(SvidSelector { id, hint })
 }
 
 fn policy_spec(
@@ -962,6 +984,7 @@ fn policy_spec(
 mod tests {
     use super::*;
     use crate::policy::{Decision, Effect};
+    use crate::spiffe_id::SpiffeId;
 
     /// Where the test configs pretend to live.
     const FILE: &str = "/etc/spiffe-tunnel/tunnel.toml";
@@ -1149,7 +1172,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                     inline: vec![allow("spiffe://example.org/web")],
                     file: Some(PathBuf::from(DIR).join("policies/api.policy")),
                 },
-                svid: Some(id("spiffe://example.org/api")),
+                svid: SvidSelector::by_id(id("spiffe://example.org/api")),
                 proxy_protocol: true,
                 access_log: false,
                 settings: settings.clone(),
@@ -1165,7 +1188,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                     inline: vec![allow("spiffe://example.org/api")],
                     file: None,
                 },
-                svid: None,
+                svid: SvidSelector::default(),
                 balance: BalanceSettings::default(),
                 access_log: false,
                 settings,
@@ -1251,7 +1274,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
     fn proxy_protocol_defaults_to_off_and_svid_to_none() {
         let config = ok(&inbound(""));
         assert!(!config.inbound[0].proxy_protocol);
-        assert_eq!(config.inbound[0].svid, None);
+        assert!(config.inbound[0].svid.is_default());
         assert!(config.outbound.is_empty());
         assert_eq!(config.admin, AdminConfig { listen: None });
         let config = ok(&inbound("proxy_protocol = false\n"));
@@ -1886,7 +1909,43 @@ policy = "out.policy"
         ));
         assert_eq!(
             config.outbound[0].svid,
-            Some(id("spiffe://example.org/ns/prod/sa/api"))
+            SvidSelector::by_id(id("spiffe://example.org/ns/prod/sa/api"))
+        );
+    }
+
+    #[test]
+    fn svid_hint_picks_by_hint_and_needs_the_workload_api() {
+        let config = ok(&inbound("svid_hint = \"internal\"\n"));
+        assert_eq!(
+            config.inbound[0].svid,
+            SvidSelector {
+                id: None,
+                hint: Some("internal".into())
+            }
+        );
+        let config = ok(&outbound(
+            "upstreams = [\"x:1\"]\nsvid = \"spiffe://example.org/web\"\nsvid_hint = \"external\"\n",
+        ));
+        assert_eq!(
+            config.outbound[0].svid,
+            SvidSelector {
+                id: Some(id("spiffe://example.org/web")),
+                hint: Some("external".into())
+            }
+        );
+        assert_invalid(
+            &inbound("svid_hint = \"\"\n"),
+            "svid_hint",
+            "inbound[0].svid_hint",
+            "must not be empty",
+        );
+        let files = files_identity(&format!("{CERT_KEY}{BUNDLES}"))
+            .replace("allow = [", "svid_hint = \"internal\"\nallow = [");
+        assert_invalid(
+            &files,
+            "svid_hint",
+            "inbound[0].svid_hint",
+            "source = \"workload_api\"",
         );
     }
 

@@ -179,7 +179,7 @@ impl Metrics {
         );
         registry.register(
             "spiffe_tunnel_svid_expiry_timestamp_seconds",
-            "Expiry (Unix time) of each SVID we hold",
+            "Expiry (Unix time) of each SVID we hold; of the first to expire when several carry one SPIFFE ID",
             svid_expiry.clone(),
         );
         registry.register(

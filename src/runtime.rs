@@ -29,7 +29,7 @@ use crate::config::{
 use crate::identity::workload_api::{
     wait_for_first_identity, ApiAddress, ApiHealth, WorkloadApiSource,
 };
-use crate::identity::{BundleSet, IdentityError, IdentityStore};
+use crate::identity::{BundleSet, Identity, IdentityError, IdentityStore, SvidSelector};
 use crate::listen::{Inherited, ListenError, Owner};
 use crate::metrics::{Metrics, TunnelKind};
 use crate::notify::Notifier;
@@ -143,6 +143,14 @@ impl TunnelConfig {
         match self.listen() {
             ListenAddress::Systemd(name) => name.clone(),
             ListenAddress::Tcp(_) => self.owner().upgrade_name(),
+        }
+    }
+
+    /// Which of our SVIDs it presents.
+    pub fn svid(&self) -> &SvidSelector {
+        match self {
+            TunnelConfig::Inbound(c) => &c.svid,
+            TunnelConfig::Outbound(c) => &c.svid,
         }
     }
 
@@ -528,16 +536,22 @@ async fn watch_identity(shared: Arc<Shared>) {
     let mut changes = store.subscribe();
     let mut first = true;
     let mut trusted: Option<BundleSet> = None;
+    let mut warned_choice: Option<Vec<String>> = None;
     loop {
         let identity = store.load();
         match &identity {
             Some(identity) => {
-                metrics.set_svid_expiries(
-                    identity
-                        .svids
-                        .iter()
-                        .map(|s| (s.id.to_string(), unix_seconds(s.not_after))),
-                );
+                // Several SVIDs may share an ID (one per SPIRE entry): the
+                // gauge shows the one that expires first.
+                let mut expiries: std::collections::BTreeMap<String, i64> = Default::default();
+                for s in &identity.svids {
+                    let expiry = unix_seconds(s.not_after);
+                    expiries
+                        .entry(s.id.to_string())
+                        .and_modify(|e| *e = (*e).min(expiry))
+                        .or_insert(expiry);
+                }
+                metrics.set_svid_expiries(expiries);
                 if !first {
                     metrics.svid_rotations.inc();
                 }
@@ -550,6 +564,7 @@ async fn watch_identity(shared: Arc<Shared>) {
                     );
                 }
                 first = false;
+                warn_unchosen_svid(&shared, identity, &mut warned_choice);
                 let bundles_changed = trusted
                     .as_ref()
                     .is_some_and(|previous| !previous.same_trust(&identity.bundles));
@@ -583,6 +598,48 @@ async fn watch_identity(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// A tunnel without `svid`/`svid_hint` presents the first SVID of the
+/// response, and when there are several that choice is an accident: SPIRE
+/// orders them by entry ID, which means nothing. Says which one is taken
+/// and how to choose, once per change of the set of SVIDs.
+fn warn_unchosen_svid(shared: &Shared, identity: &Identity, warned: &mut Option<Vec<String>>) {
+    let names: Vec<String> = identity
+        .svids
+        .iter()
+        .map(|s| match &s.hint {
+            Some(hint) => format!("{} (hint {hint:?})", s.id),
+            None => s.id.to_string(),
+        })
+        .collect();
+    let mut distinct = names.clone();
+    distinct.sort();
+    distinct.dedup();
+    if distinct.len() < 2 {
+        *warned = None;
+        return;
+    }
+    if warned.as_ref() == Some(&names) {
+        return;
+    }
+    *warned = Some(names.clone());
+    let tunnels: Vec<String> = shared
+        .tunnels
+        .load()
+        .iter()
+        .filter(|entry| entry.config.svid().is_default())
+        .map(|entry| format!("{} {:?}", entry.config.kind(), entry.config.name()))
+        .collect();
+    if tunnels.is_empty() {
+        return;
+    }
+    warn!(
+        tunnels = %tunnels.join(", "),
+        presenting = %names[0],
+        svids = %names.join(", "),
+        "several SVIDs and no `svid` set: these tunnels present the first one the Workload API sent, whose order means nothing (SPIRE sorts by entry ID); set svid = \"spiffe://...\" (and svid_hint = \"...\" for entries with -hint) in each tunnel to choose"
+    );
 }
 
 /// After a bundle change, closes live connections whose peer chain no

@@ -91,23 +91,7 @@ async fn start_ends(dir: &Path, socket: &Path) -> Ends {
 
 /// The serials an end has logged as "SVID in use" for `id`, in order.
 fn serials(daemon: &Daemon, id: &str) -> Vec<String> {
-    let mut seen: Vec<String> = Vec::new();
-    for line in daemon
-        .log()
-        .lines()
-        .filter(|l| l.contains("SVID in use") && l.contains(id))
-    {
-        if let Some(serial) = line
-            .split("serial=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-        {
-            if seen.last().map(String::as_str) != Some(serial) {
-                seen.push(serial.to_string());
-            }
-        }
-    }
-    seen
+    serials_in_use(&daemon.log(), id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

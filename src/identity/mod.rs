@@ -66,8 +66,21 @@ pub enum IdentityError {
     },
     #[error("the identity has no SVID")]
     NoSvid,
-    #[error("two SVIDs carry the same SPIFFE ID {0}")]
-    DuplicateSvid(String),
+    /// Time cures this one: the SVID becomes usable at `not_before` (the
+    /// issuer's clock runs ahead of ours).
+    #[error("SVID {id} is not valid before {} (the issuer's clock is ahead of ours)", crate::timefmt::rfc3339(*.not_before))]
+    NotYetValid { id: String, not_before: SystemTime },
+}
+
+impl IdentityError {
+    /// When waiting would make this error go away, the moment to look
+    /// again; `None` for errors only new input can cure.
+    pub fn retry_at(&self) -> Option<SystemTime> {
+        match self {
+            IdentityError::NotYetValid { not_before, .. } => Some(*not_before),
+            _ => None,
+        }
+    }
 }
 
 /// One of our X509-SVIDs, ready for rustls: the chain and key are parsed
@@ -75,6 +88,9 @@ pub enum IdentityError {
 #[derive(Debug)]
 pub struct Svid {
     pub id: SpiffeId,
+    /// The Workload API's hint (a SPIRE entry's `-hint`), if any: tells
+    /// apart SVIDs a tunnel may choose between with `svid_hint`.
+    pub hint: Option<String>,
     pub certified_key: Arc<CertifiedKey>,
     /// Serial number, lower-case hex.
     pub serial: String,
@@ -110,6 +126,7 @@ impl Svid {
         })?;
         Ok(Self {
             id: facts.id,
+            hint: None,
             certified_key: Arc::new(certified_key),
             serial: facts.serial,
             not_before: unix_to_system(facts.not_before),
@@ -143,9 +160,57 @@ impl Svid {
         &self.certified_key.cert
     }
 
+    /// Sets the Workload API's hint; an empty one means none.
+    pub fn with_hint(mut self, hint: String) -> Self {
+        self.hint = Some(hint).filter(|h| !h.is_empty());
+        self
+    }
+
     /// True while `now` is inside the validity window.
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
         self.not_before <= now && now < self.not_after
+    }
+}
+
+/// Which of our SVIDs a tunnel presents: the one with this SPIFFE ID
+/// (`svid`), the one with this Workload API hint (`svid_hint`), the one
+/// with both, or, with neither, the default (the first in the response).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SvidSelector {
+    pub id: Option<SpiffeId>,
+    pub hint: Option<String>,
+}
+
+impl SvidSelector {
+    pub fn by_id(id: SpiffeId) -> Self {
+        Self {
+            id: Some(id),
+            hint: None,
+        }
+    }
+
+    /// True when nothing is asked for: the default SVID is taken.
+    pub fn is_default(&self) -> bool {
+        self.id.is_none() && self.hint.is_none()
+    }
+
+    pub fn matches(&self, svid: &Svid) -> bool {
+        self.id.as_ref().is_none_or(|id| *id == svid.id)
+            && self
+                .hint
+                .as_ref()
+                .is_none_or(|hint| svid.hint.as_ref() == Some(hint))
+    }
+}
+
+impl std::fmt::Display for SvidSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.id, &self.hint) {
+            (None, None) => f.write_str("the default SVID (the first the source sends)"),
+            (Some(id), None) => write!(f, "{id}"),
+            (None, Some(hint)) => write!(f, "the SVID with hint {hint:?}"),
+            (Some(id), Some(hint)) => write!(f, "{id} with hint {hint:?}"),
+        }
     }
 }
 
@@ -159,6 +224,17 @@ pub struct TrustBundle {
 }
 
 impl TrustBundle {
+    /// A trust domain we know but whose bundle holds no X.509 authority:
+    /// SPIRE federates such a domain (only JWT keys) as an empty bundle.
+    /// No peer of it can be verified, and the refusal says why.
+    pub fn without_x509_authorities(trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            certs: Vec::new(),
+            anchors: Vec::new(),
+        }
+    }
+
     pub fn new(
         trust_domain: TrustDomain,
         certs: Vec<CertificateDer<'static>>,
@@ -252,10 +328,12 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Validates a candidate snapshot: at least one SVID, no duplicate IDs,
-    /// nothing expired, and each SVID chains to its own trust domain's bundle
-    /// when we hold one (a certificate from the wrong CA is a broken
-    /// deployment, and peers would refuse it anyway).
+    /// Validates a candidate snapshot: at least one SVID, nothing expired
+    /// or not yet valid, and each SVID chains to its own trust domain's
+    /// bundle when we hold one (a certificate from the wrong CA is a broken
+    /// deployment, and peers would refuse it anyway). Several SVIDs may
+    /// carry the same SPIFFE ID: SPIRE issues one per matching entry, and
+    /// two entries (say one by uid, one by user name) may name one ID.
     pub fn new(
         svids: Vec<Svid>,
         bundles: BundleSet,
@@ -264,9 +342,12 @@ impl Identity {
         if svids.is_empty() {
             return Err(IdentityError::NoSvid);
         }
-        for (i, svid) in svids.iter().enumerate() {
-            if svids[..i].iter().any(|other| other.id == svid.id) {
-                return Err(IdentityError::DuplicateSvid(svid.id.to_string()));
+        for svid in &svids {
+            if now < svid.not_before {
+                return Err(IdentityError::NotYetValid {
+                    id: svid.id.to_string(),
+                    not_before: svid.not_before,
+                });
             }
             if now >= svid.not_after {
                 return Err(IdentityError::Expired {
@@ -297,12 +378,10 @@ impl Identity {
         self.svids.first()
     }
 
-    /// The SVID to present: the one with `id`, or the default one.
-    pub fn svid(&self, id: Option<&SpiffeId>) -> Option<&Arc<Svid>> {
-        match id {
-            Some(id) => self.svids.iter().find(|s| &s.id == id),
-            None => self.default_svid(),
-        }
+    /// The SVID to present: the first that `selector` matches (the
+    /// default one when it asks for nothing).
+    pub fn svid(&self, selector: &SvidSelector) -> Option<&Arc<Svid>> {
+        self.svids.iter().find(|s| selector.matches(s))
     }
 
     /// True when both hold the same SVIDs (by ID and serial) and trust the
@@ -456,6 +535,65 @@ mod tests {
         assert_eq!(certs.len(), 2);
         assert_eq!(certs[0].as_ref(), &short);
         assert_eq!(certs[1].as_ref(), long.as_slice());
+    }
+
+    /// SVIDs for `ids` issued at `issued` by one CA, and its bundle.
+    fn issued(ids: &[&str], issued: SystemTime) -> (Vec<Svid>, BundleSet) {
+        let td = crate::spiffe_id::parse_trust_domain("example.org").unwrap();
+        let ca = crate::agent::ca::Ca::generate(&td, SystemTime::now(), Duration::from_secs(86400))
+            .unwrap();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let svids = ids
+            .iter()
+            .map(|id| {
+                let id = crate::spiffe_id::parse_workload_id(id).unwrap();
+                let issued = ca.issue(&id, issued, Duration::from_secs(3600)).unwrap();
+                let key = rustls_pki_types::PrivatePkcs8KeyDer::from(issued.key_pkcs8.clone());
+                Svid::from_der(vec![issued.cert.clone()], key.into(), &provider).unwrap()
+            })
+            .collect();
+        let mut bundles = BundleSet::new();
+        bundles.insert(TrustBundle::new(td, vec![ca.der.clone()]).unwrap());
+        (svids, bundles)
+    }
+
+    #[test]
+    fn several_svids_with_one_id_are_one_identity_and_hints_choose() {
+        const API: &str = "spiffe://example.org/api";
+        let (svids, bundles) = issued(&[API, API], SystemTime::now());
+        let mut svids = svids.into_iter();
+        let first = svids.next().unwrap().with_hint("internal".into());
+        let second = svids.next().unwrap().with_hint("external".into());
+        let (first_serial, second_serial) = (first.serial.clone(), second.serial.clone());
+        let identity = Identity::new(vec![first, second], bundles, SystemTime::now()).unwrap();
+        let id = crate::spiffe_id::parse_workload_id(API).unwrap();
+        let pick = |selector: SvidSelector| identity.svid(&selector).map(|s| s.serial.clone());
+        assert_eq!(pick(SvidSelector::default()), Some(first_serial.clone()));
+        assert_eq!(pick(SvidSelector::by_id(id.clone())), Some(first_serial));
+        let by_hint = |hint: &str| SvidSelector {
+            id: Some(id.clone()),
+            hint: Some(hint.into()),
+        };
+        assert_eq!(pick(by_hint("external")), Some(second_serial));
+        assert_eq!(pick(by_hint("nope")), None);
+        let (mut plain, _) = issued(&[API], SystemTime::now());
+        assert_eq!(
+            plain.remove(0).with_hint(String::new()).hint,
+            None,
+            "an empty hint is none"
+        );
+    }
+
+    #[test]
+    fn an_svid_not_valid_yet_is_refused_until_its_not_before() {
+        let ahead = SystemTime::now() + Duration::from_secs(60);
+        let (svids, bundles) = issued(&["spiffe://example.org/web"], ahead);
+        let not_before = svids[0].not_before;
+        let err = Identity::new(svids, bundles, SystemTime::now()).unwrap_err();
+        assert!(matches!(err, IdentityError::NotYetValid { .. }), "{err}");
+        assert_eq!(err.retry_at(), Some(not_before));
+        assert!(err.to_string().contains("clock is ahead"), "{err}");
+        assert_eq!(IdentityError::NoSvid.retry_at(), None);
     }
 
     #[test]

@@ -12,6 +12,15 @@
 //! Every response replaces the whole identity: our SVIDs (the first is the
 //! default), our trust domain's bundle, and the federated bundles, so a
 //! federated trust domain that disappears from a response is dropped.
+//!
+//! What real SPIRE sends, and this client therefore accepts: several SVIDs
+//! with one SPIFFE ID (one per matching entry), each with the entry's
+//! `hint`, in entry-ID order (stable, but meaningless); a federated trust
+//! domain with only JWT keys as an empty X.509 bundle; federated bundles
+//! only for entries with `-federatesWith`. A response refused for a reason
+//! that time cures (an SVID not yet valid because the server's clock runs
+//! ahead) is checked again when it would become valid, not only when the
+//! next message comes, which may be half an SVID lifetime later.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,7 +50,15 @@ pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 
 /// Longest wait between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait after "no identity issued": SPIRE's agent syncs with its
+/// server every 5 s by default, so asking more often would rarely change
+/// the answer, and asking less often would add to the time a re-created
+/// entry (or an SVID re-signed after a CA taint) takes to be served.
+pub const WITHDRAWN_MAX_BACKOFF: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// How long after a refused response's "valid from" it is checked again,
+/// so the check falls after that second has begun.
+const RETRY_MARGIN: Duration = Duration::from_millis(50);
 
 /// Why the Workload API could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +103,17 @@ pub enum ResponseError {
     BadFederatedKey { key: String, reason: String },
     #[error(transparent)]
     Identity(#[from] IdentityError),
+}
+
+impl ResponseError {
+    /// When the same response would be worth checking again (it was
+    /// refused for a reason time cures, like an SVID not valid yet).
+    pub fn retry_at(&self) -> Option<SystemTime> {
+        match self {
+            ResponseError::Identity(e) => e.retry_at(),
+            _ => None,
+        }
+    }
 }
 
 /// Where the Workload API listens.
@@ -205,10 +233,12 @@ pub fn identity_from_response(
         let chain = split_der_certificates(&entry.x509_svid)
             .map_err(|reason| ResponseError::BadSvid { index, reason })?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(entry.x509_svid_key));
-        let svid = Svid::from_der(chain, key, provider).map_err(|e| ResponseError::BadSvid {
-            index,
-            reason: e.to_string(),
-        })?;
+        let svid = Svid::from_der(chain, key, provider)
+            .map_err(|e| ResponseError::BadSvid {
+                index,
+                reason: e.to_string(),
+            })?
+            .with_hint(entry.hint);
         let claimed =
             spiffe_id::parse_workload_id(&entry.spiffe_id).map_err(|e| ResponseError::BadSvid {
                 index,
@@ -230,7 +260,15 @@ pub fn identity_from_response(
     for (key, der) in response.federated_bundles {
         let trust_domain = federated_trust_domain(&key)?;
         // Our own trust domain's bundle comes with the SVIDs and wins.
-        if bundles.get(&trust_domain).is_none() {
+        if bundles.get(&trust_domain).is_some() {
+            continue;
+        }
+        // SPIRE sends a federated trust domain that has only JWT keys as
+        // an empty X.509 bundle: a domain with no X.509 authorities, not a
+        // broken response.
+        if der.is_empty() {
+            bundles.insert(TrustBundle::without_x509_authorities(trust_domain));
+        } else {
             bundles.insert(bundle_from_der(trust_domain, &der)?);
         }
     }
@@ -340,8 +378,12 @@ impl WorkloadApiSource {
                     if self.store.load().is_some() {
                         self.store.withdraw();
                     }
-                    error!(address = %self.address, error = %reason, retry_in = ?backoff, "Workload API issued no identity to this process: identity withdrawn, new connections are refused (is there a registration entry for it?)");
-                    (reason, backoff)
+                    // The answer can change at any moment (an entry made
+                    // again, an SVID re-signed after a CA taint), and asking
+                    // the local agent is cheap: ask at least this often.
+                    let wait = backoff.min(WITHDRAWN_MAX_BACKOFF);
+                    error!(address = %self.address, error = %reason, retry_in = ?wait, "Workload API issued no identity to this process: identity withdrawn, new connections are refused (is there a registration entry for it?)");
+                    (reason, wait)
                 }
                 StreamEnd::Misconfigured(reason) => {
                     error!(address = %self.address, error = %reason, retry_in = ?MAX_BACKOFF, "Workload API refused the request as invalid; this is a misconfiguration, retrying slowly");
@@ -369,12 +411,30 @@ impl WorkloadApiSource {
             Err(status) => return (self.classify(status), false),
         };
         let mut got_message = false;
+        // A refused response that time will cure, and when to try it again:
+        // the agent may not send anything new for half an SVID lifetime.
+        let mut pending: Option<(X509svidResponse, SystemTime)> = None;
         loop {
-            match stream.message().await {
+            let retry_in = pending.as_ref().map(|(_, at)| {
+                at.duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .saturating_add(RETRY_MARGIN)
+            });
+            let message = tokio::select! {
+                message = stream.message() => message,
+                () = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {
+                    if let Some((response, _)) = pending.take() {
+                        debug!("checking the refused Workload API response again");
+                        pending = self.accept(response);
+                    }
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(response)) => {
                     got_message = true;
                     self.metrics.workload_api_up.set(1);
-                    self.accept(response);
+                    pending = self.accept(response);
                 }
                 Ok(None) => {
                     let end = WorkloadApiError::StreamEnded {
@@ -388,8 +448,11 @@ impl WorkloadApiSource {
     }
 
     /// Validates and publishes one response; a bad one is logged and the
-    /// current identity stays.
-    fn accept(&self, response: X509svidResponse) {
+    /// current identity stays. A response refused for a reason time cures
+    /// comes back with the moment to check it again.
+    fn accept(&self, response: X509svidResponse) -> Option<(X509svidResponse, SystemTime)> {
+        // Kept only in case it must be checked again (a few KB).
+        let copy = response.clone();
         match identity_from_response(response, &self.provider, SystemTime::now()) {
             Ok(identity) => {
                 debug!(
@@ -411,14 +474,24 @@ impl WorkloadApiSource {
                     h.last_error = None;
                     h.last_update = Some(SystemTime::now());
                 });
+                None
             }
             Err(e) => {
                 self.metrics.identity_update(false);
-                error!(address = %self.address, error = %e, "Workload API response refused; keeping the current identity");
+                let retry_at = e.retry_at();
+                match retry_at {
+                    Some(at) => {
+                        error!(address = %self.address, error = %e, retry_at = %crate::timefmt::rfc3339(at), "Workload API response refused; keeping the current identity and checking this response again then")
+                    }
+                    None => {
+                        error!(address = %self.address, error = %e, "Workload API response refused; keeping the current identity")
+                    }
+                }
                 self.health.send_modify(|h| {
                     h.connected = true;
                     h.last_error = Some(format!("response refused: {e}"));
                 });
+                retry_at.map(|at| (copy, at))
             }
         }
     }

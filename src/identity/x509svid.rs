@@ -138,6 +138,30 @@ pub fn check_signer(der: &[u8]) -> Result<Validity, SvidRuleError> {
     Ok(validity)
 }
 
+/// The URI name constraints of a certificate, as "permitted URI:x" or
+/// "excluded URI:x" (empty when it has none or does not parse).
+pub fn uri_name_constraints(der: &[u8]) -> Vec<String> {
+    let Ok(cert) = parse(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(constraints)) = cert.name_constraints() else {
+        return Vec::new();
+    };
+    let nc = constraints.value;
+    let mut out = Vec::new();
+    for (kind, subtrees) in [
+        ("permitted", &nc.permitted_subtrees),
+        ("excluded", &nc.excluded_subtrees),
+    ] {
+        for subtree in subtrees.iter().flatten() {
+            if let GeneralName::URI(uri) = subtree.base {
+                out.push(format!("{kind} URI:{uri}"));
+            }
+        }
+    }
+    out
+}
+
 /// The SPIFFE ID of a leaf, with the one-URI-SAN rule applied.
 fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidRuleError> {
     let san = cert

@@ -82,7 +82,7 @@ impl Tunnel {
         name: &str,
         kind: TunnelKind,
         settings: TunnelSettings,
-        svid: Option<crate::spiffe_id::SpiffeId>,
+        svid: crate::identity::SvidSelector,
         policy: Arc<ArcSwap<Policy>>,
         ctx: &TunnelContext,
     ) -> Self {

@@ -25,9 +25,8 @@ use super::resolver::SvidResolver;
 use super::resumption::{TicketIssuer, TicketKeyError};
 use super::verify::{PeerRole, SpiffeVerifier};
 use crate::config::MinTls;
-use crate::identity::IdentityStore;
+use crate::identity::{IdentityStore, SvidSelector};
 use crate::policy::Policy;
-use crate::spiffe_id::SpiffeId;
 
 /// Errors building a TLS config; only a broken crypto provider or random
 /// source causes them.
@@ -44,7 +43,7 @@ pub enum TlsConfigError {
 pub struct TlsSettings {
     pub store: Arc<IdentityStore>,
     pub policy: Arc<ArcSwap<Policy>>,
-    pub svid: Option<SpiffeId>,
+    pub svid: SvidSelector,
     pub min_tls: MinTls,
     /// Whether sessions may be resumed (TLS 1.3 tickets).
     pub session_resumption: bool,

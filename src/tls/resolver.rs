@@ -13,25 +13,25 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
 
-use crate::identity::IdentityStore;
-use crate::spiffe_id::SpiffeId;
+use crate::identity::{IdentityStore, SvidSelector};
 
-/// Presents one of our SVIDs: the one named by `svid`, or the default.
+/// Presents one of our SVIDs: the one `svid` selects (by ID and/or hint),
+/// or the default.
 #[derive(Debug)]
 pub struct SvidResolver {
     store: Arc<IdentityStore>,
-    svid: Option<SpiffeId>,
+    svid: SvidSelector,
 }
 
 impl SvidResolver {
-    pub fn new(store: Arc<IdentityStore>, svid: Option<SpiffeId>) -> Self {
+    pub fn new(store: Arc<IdentityStore>, svid: SvidSelector) -> Self {
         Self { store, svid }
     }
 
     /// The certificate to present now, if we hold a valid one.
     pub fn current(&self) -> Option<Arc<CertifiedKey>> {
         let identity = self.store.load()?;
-        let svid = identity.svid(self.svid.as_ref())?;
+        let svid = identity.svid(&self.svid)?;
         svid.is_valid_at(SystemTime::now())
             .then(|| Arc::clone(&svid.certified_key))
     }

@@ -51,8 +51,7 @@ use rustls::{ClientConfig, NamedGroup};
 use rustls_pki_types::ServerName;
 use tracing::warn;
 
-use crate::identity::IdentityStore;
-use crate::spiffe_id::SpiffeId;
+use crate::identity::{IdentityStore, SvidSelector};
 
 /// The longest a session ticket is accepted (server) or offered (client).
 /// Resumption pays off for peers that reconnect often; minutes are plenty,
@@ -81,7 +80,7 @@ fn unix_now() -> u64 {
 /// Issues and opens the session tickets of an inbound tunnel.
 pub struct TicketIssuer {
     store: Arc<IdentityStore>,
-    svid: Option<SpiffeId>,
+    svid: SvidSelector,
     /// The ticket key of the current identity generation.
     key: ArcSwap<TicketKey>,
     /// Serialises key replacement, so one identity change makes one key.
@@ -107,7 +106,7 @@ impl std::fmt::Debug for TicketIssuer {
 }
 
 impl TicketIssuer {
-    pub fn new(store: Arc<IdentityStore>, svid: Option<SpiffeId>) -> Result<Self, TicketKeyError> {
+    pub fn new(store: Arc<IdentityStore>, svid: SvidSelector) -> Result<Self, TicketKeyError> {
         let key = TicketKey {
             generation: store.generation(),
             ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
@@ -160,7 +159,7 @@ impl TicketIssuer {
             .store
             .load()
             .and_then(|identity| {
-                let svid = identity.svid(self.svid.as_ref())?;
+                let svid = identity.svid(&self.svid)?;
                 svid.not_after.duration_since(SystemTime::now()).ok()
             })
             .unwrap_or_default();
@@ -400,7 +399,7 @@ mod tests {
         let store = IdentityStore::new();
         let ca = ca();
         publish(&store, &ca, API, ttl);
-        let issuer = TicketIssuer::new(Arc::clone(&store), None).unwrap();
+        let issuer = TicketIssuer::new(Arc::clone(&store), SvidSelector::default()).unwrap();
         (store, ca, issuer)
     }
 
@@ -451,7 +450,7 @@ mod tests {
         );
 
         // No SVID of ours, no ticket.
-        let none = TicketIssuer::new(IdentityStore::new(), None).unwrap();
+        let none = TicketIssuer::new(IdentityStore::new(), SvidSelector::default()).unwrap();
         assert_eq!(none.lifetime(), 0);
         assert_eq!(none.encrypt(b"state"), None);
     }
@@ -487,7 +486,7 @@ mod tests {
             policy: Arc::new(ArcSwap::from_pointee(Policy::compile([parse_rule(allow)
                 .unwrap()
                 .unwrap()]))),
-            svid: None,
+            svid: SvidSelector::default(),
             min_tls: MinTls::Tls13,
             session_resumption: true,
         };

@@ -54,8 +54,10 @@ pub enum VerifyError {
         #[source]
         source: SvidRuleError,
     },
-    #[error("no trust bundle for trust domain {trust_domain:?} of peer {id}")]
+    #[error("no trust bundle for trust domain {trust_domain:?} of peer {id} (from SPIRE the likely cause is a registration entry without `-federatesWith spiffe://{trust_domain}`: SPIRE sends a federated bundle only to workloads whose entry names it; with source = \"files\", an [identity.bundles] line is missing)")]
     NoBundle { id: String, trust_domain: String },
+    #[error("trust domain {trust_domain:?} of peer {id} has no X.509 authorities (its bundle holds only JWT keys), so no X509-SVID of it can be verified")]
+    NoX509Authorities { id: String, trust_domain: String },
     #[error("peer {id} does not chain to the bundle of {trust_domain}: {reason}")]
     Untrusted {
         id: String,
@@ -73,6 +75,7 @@ impl VerifyError {
     pub fn peer_id(&self) -> Option<&str> {
         match self {
             Self::NoBundle { id, .. }
+            | Self::NoX509Authorities { id, .. }
             | Self::Untrusted { id, .. }
             | Self::NotAllowed { id, .. } => Some(id),
             _ => None,
@@ -170,6 +173,12 @@ fn verify_parts(
             id: facts.id.to_string(),
             trust_domain: trust_domain.to_string(),
         })?;
+    if bundle.anchors().is_empty() {
+        return Err(VerifyError::NoX509Authorities {
+            id: facts.id.to_string(),
+            trust_domain: trust_domain.to_string(),
+        });
+    }
 
     let untrusted = |reason: String| VerifyError::Untrusted {
         id: facts.id.to_string(),
@@ -197,13 +206,42 @@ fn verify_parts(
         PeerRole::Any => check(webpki::KeyUsage::server_auth())
             .or_else(|_| check(webpki::KeyUsage::client_auth())),
     }
-    .map_err(|e| untrusted(describe(&e)))?;
+    .map_err(|e| match e {
+        webpki::Error::NameConstraintViolation => {
+            untrusted(describe_name_constraint_violation(intermediates, bundle))
+        }
+        other => untrusted(describe(&other)),
+    })?;
     let peer = VerifiedPeer {
         id: facts.id,
         serial: facts.serial,
         not_after: facts.not_after,
     };
     Ok((peer, window))
+}
+
+/// Why a chain broke a name constraint. rustls-webpki does not process
+/// URI name constraints: it refuses every URI SAN under a CA that has one,
+/// which is every X509-SVID. The SPIFFE spec suggests such constraints, so
+/// an operator who followed it deserves to hear exactly that.
+fn describe_name_constraint_violation(
+    intermediates: &[CertificateDer<'_>],
+    bundle: &crate::identity::TrustBundle,
+) -> String {
+    let with_uri = intermediates
+        .iter()
+        .chain(bundle.certs.iter())
+        .find_map(|der| {
+            let uris = x509svid::uri_name_constraints(der);
+            (!uris.is_empty()).then_some(uris)
+        });
+    match with_uri {
+        Some(uris) => format!(
+            "a CA of the chain has a URI name constraint ({}); rustls-webpki does not process URI name constraints and refuses every SPIFFE ID under such a CA, so issue SVIDs from a CA without them",
+            uris.join(", ")
+        ),
+        None => describe(&webpki::Error::NameConstraintViolation),
+    }
 }
 
 /// A readable reason for a webpki error.

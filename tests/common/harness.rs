@@ -47,6 +47,28 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
     }
 }
 
+/// The serials a tunnel process's log shows as "SVID in use" for `id`, in
+/// order, repeats collapsed: one more entry per rotation.
+pub fn serials_in_use(log: &str, id: &str) -> Vec<String> {
+    let needle = format!("spiffe_id={id} ");
+    let mut seen: Vec<String> = Vec::new();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("SVID in use") && l.contains(&needle))
+    {
+        if let Some(serial) = line
+            .split("serial=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+        {
+            if seen.last().map(String::as_str) != Some(serial) {
+                seen.push(serial.to_string());
+            }
+        }
+    }
+    seen
+}
+
 /// A running `spiffe-tunnel` process; killed when dropped.
 pub struct Daemon {
     child: Child,

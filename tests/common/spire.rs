@@ -18,9 +18,28 @@
 //!   in-memory or `disk` KeyManager, short TTLs ([`ServerConfig`]), optional
 //!   `disk` UpstreamAuthority, and room for extra HCL (federation blocks, a
 //!   bundle endpoint) for tests that need more. Entries, join tokens,
-//!   bundles and the local X.509 authority (`prepare`, `activate`, `taint`,
-//!   `revoke`) go through the `spire-server` CLI. It can be stopped and
-//!   started again on the same port with the same data.
+//!   bundles (PEM, SPIFFE format, `bundle set` for a federated one) and the
+//!   local X.509 authority (`prepare`, `activate`, `taint`, `revoke`) go
+//!   through the `spire-server` CLI. It can be stopped and started again on
+//!   the same port with the same data.
+//!
+//! Federation, for example: two servers with their own `trust_domain`, each
+//! given `server_hcl` like
+//!
+//! ```text
+//! federation {
+//!     bundle_endpoint { address = "127.0.0.1" port = PORT }
+//!     federates_with "partner.org" {
+//!         bundle_endpoint_url = "https://127.0.0.1:OTHER_PORT"
+//!         bundle_endpoint_profile "https_spiffe" {
+//!             endpoint_spiffe_id = "spiffe://partner.org/spire/server"
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! then each other's bundle with [`SpireServer::set_federated_bundle`],
+//! and entries with [`Entry::federates_with`].
 //! - [`SpireAgent`]: attested once with a join token, KeyManager `disk` so a
 //!   restarted agent keeps its node identity, the `unix` workload attestor,
 //!   the Workload API on a socket under the agent's own folder
@@ -98,13 +117,14 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-fn spire_bin(name: &str) -> PathBuf {
+/// `spire-server` or `spire-agent`.
+pub fn spire_bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
 /// A short, unique temporary folder, readable by other uids (workloads of
 /// other users must reach the agent socket inside it).
-fn short_temp_dir(prefix: &str) -> tempfile::TempDir {
+pub fn short_temp_dir(prefix: &str) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
         .prefix(prefix)
@@ -152,15 +172,31 @@ async fn run_tool(mut command: tokio::process::Command) -> Result<String, String
     }
 }
 
-/// A SPIRE process with its log file; killed and reaped on drop.
-struct Proc {
+/// A SPIRE process with its log file (stdout and stderr); killed and
+/// reaped on drop. [`SpireServer`] and [`SpireAgent`] hold one each; tests
+/// that run SPIRE with configs of their own (the shipped ones) use it
+/// directly.
+pub struct SpireProcess {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
-impl Proc {
-    fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Self {
+impl SpireProcess {
+    /// Starts `program args` (in the current directory).
+    pub fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Self {
+        Self::spawn_in(name, program, args, log, None)
+    }
+
+    /// Starts `program args` in `cwd` (SPIRE resolves relative paths of a
+    /// config against its working directory).
+    pub fn spawn_in(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+        cwd: Option<&Path>,
+    ) -> Self {
         let file = File::create(&log).expect("create a log file");
         let err = file.try_clone().expect("clone the log file");
         // setpriv execs the program (same pid) with PR_SET_PDEATHSIG: if
@@ -173,6 +209,9 @@ impl Proc {
         } else {
             Command::new(program)
         };
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
         let child = command
             .args(args)
             .stdin(Stdio::null())
@@ -187,22 +226,52 @@ impl Proc {
         }
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The exit status if the process has ended.
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
-    fn kill(&mut self) {
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Waits until `spire-server|spire-agent healthcheck -socketPath
+    /// socket` passes; panics with the log if the process exits first or
+    /// `timeout` passes.
+    pub async fn wait_healthy(&mut self, program: &Path, socket: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                panic!("{} exited ({status}); log:\n{}", self.name, self.log());
+            }
+            if socket.exists() && healthcheck(program, socket).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy within {timeout:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
-impl Drop for Proc {
+/// `program healthcheck -socketPath socket` (spire-server or spire-agent).
+pub async fn healthcheck(program: &Path, socket: &Path) -> Result<String, String> {
+    let mut command = tokio::process::Command::new(program);
+    command.args(["healthcheck", "-socketPath"]).arg(socket);
+    run_tool(command).await
+}
+
+impl Drop for SpireProcess {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
@@ -435,7 +504,7 @@ pub struct SpireServer {
     pub port: u16,
     pub socket: PathBuf,
     config_file: PathBuf,
-    proc: Option<Proc>,
+    proc: Option<SpireProcess>,
     starts: usize,
 }
 
@@ -566,7 +635,7 @@ plugins {{
         self.starts += 1;
         let log = self.dir.path().join(format!("server-{}.log", self.starts));
         let config = self.config_file.to_str().unwrap().to_string();
-        let mut proc = Proc::spawn(
+        let mut proc = SpireProcess::spawn(
             "spire-server",
             &spire_bin("spire-server"),
             &["run", "-config", &config],
@@ -591,16 +660,15 @@ plugins {{
     }
 
     async fn healthcheck(&self) -> Result<String, String> {
-        let mut command = tokio::process::Command::new(spire_bin("spire-server"));
-        command
-            .args(["healthcheck", "-socketPath"])
-            .arg(&self.socket);
-        run_tool(command).await
+        healthcheck(&spire_bin("spire-server"), &self.socket).await
     }
 
     /// Everything the server logged since its last start.
     pub fn log(&self) -> String {
-        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+        self.proc
+            .as_ref()
+            .map(SpireProcess::log)
+            .unwrap_or_default()
     }
 
     /// Kills the server (SIGKILL: no graceful anything).
@@ -688,6 +756,39 @@ plugins {{
             .unwrap_or_else(|e| panic!("bundle show failed: {e}"))
     }
 
+    /// The trust bundle in SPIFFE format (a JWKS), what another server
+    /// takes with [`SpireServer::set_federated_bundle`].
+    pub async fn bundle_spiffe(&self) -> String {
+        self.cli(&["bundle", "show", "-format", "spiffe"])
+            .await
+            .unwrap_or_else(|e| panic!("bundle show failed: {e}"))
+    }
+
+    /// `bundle set -format spiffe -id TD`: trusts another trust domain's
+    /// bundle (`spiffe_bundle` as [`SpireServer::bundle_spiffe`] gives it),
+    /// as an operator bootstraps federation before the bundle endpoint
+    /// takes over.
+    pub async fn set_federated_bundle(&self, trust_domain_id: &str, spiffe_bundle: &str) {
+        let file = self.dir.path().join(format!(
+            "federated-{}.json",
+            trust_domain_id.trim_start_matches("spiffe://")
+        ));
+        std::fs::write(&file, spiffe_bundle).unwrap();
+        let path = file.to_str().unwrap().to_string();
+        self.cli(&[
+            "bundle",
+            "set",
+            "-format",
+            "spiffe",
+            "-id",
+            trust_domain_id,
+            "-path",
+            &path,
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("bundle set failed: {e}"));
+    }
+
     /// `localauthority x509 show`.
     pub async fn x509_authorities(&self) -> Authorities {
         let json = self.cli_json(&["localauthority", "x509", "show"]).await;
@@ -762,7 +863,7 @@ pub struct SpireAgent {
     pub spiffe_id: String,
     trust_domain: String,
     join_token: String,
-    proc: Option<Proc>,
+    proc: Option<SpireProcess>,
     starts: usize,
 }
 
@@ -868,7 +969,7 @@ plugins {{
         if self.starts == 1 {
             args.extend(["-joinToken", self.join_token.as_str()]);
         }
-        let mut proc = Proc::spawn("spire-agent", &spire_bin("spire-agent"), &args, log);
+        let mut proc = SpireProcess::spawn("spire-agent", &spire_bin("spire-agent"), &args, log);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = proc.exited() {
@@ -888,16 +989,15 @@ plugins {{
     }
 
     async fn healthcheck(&self) -> Result<String, String> {
-        let mut command = tokio::process::Command::new(spire_bin("spire-agent"));
-        command
-            .args(["healthcheck", "-socketPath"])
-            .arg(&self.socket);
-        run_tool(command).await
+        healthcheck(&spire_bin("spire-agent"), &self.socket).await
     }
 
     /// Everything the agent logged since its last start.
     pub fn log(&self) -> String {
-        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+        self.proc
+            .as_ref()
+            .map(SpireProcess::log)
+            .unwrap_or_default()
     }
 
     /// Kills the agent (SIGKILL).
@@ -930,6 +1030,9 @@ plugins {{
     }
 
     /// Waits until a workload of `uid` is issued every ID in `ids`.
+    /// (`spire-agent api fetch` is go-spiffe inside: it refuses a response
+    /// with an empty federated X.509 bundle, which SPIRE sends for a
+    /// JWT-only trust domain, so this cannot see such a workload's SVIDs.)
     pub async fn wait_for_ids(&self, uid: u32, ids: &[&str], timeout: Duration) -> String {
         wait_for(
             &format!("uid {uid} to get {ids:?} from the agent"),

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::harness::{free_addr, roundtrip, Daemon, Target, TargetMode};
+use super::harness::{free_addr, roundtrip, serials_in_use, Daemon, Target, TargetMode};
 use super::probe;
 use super::spire::{Spire, OTHER_UID};
 
@@ -158,24 +158,7 @@ impl TunnelEnd {
     /// Every serial this end has logged as "SVID in use" for `id`, in
     /// order, repeats collapsed: one more entry per rotation.
     pub fn serials_seen(&self, id: &str) -> Vec<String> {
-        let mut seen: Vec<String> = Vec::new();
-        for line in self
-            .daemon
-            .log()
-            .lines()
-            .filter(|l| l.contains("SVID in use") && l.contains(&format!("spiffe_id={id} ")))
-        {
-            if let Some(serial) = line
-                .split("serial=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-            {
-                if seen.last().map(String::as_str) != Some(serial) {
-                    seen.push(serial.to_string());
-                }
-            }
-        }
-        seen
+        serials_in_use(&self.daemon.log(), id)
     }
 
     /// The serials of our SVIDs with `id` now, from `/status`.
