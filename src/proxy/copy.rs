@@ -8,6 +8,11 @@
 //! until it finishes too), counts the bytes, ends idle connections, and
 //! stops on cancellation (drain, revocation).
 //!
+//! A read that fails (a TLS peer that left without close_notify, a reset)
+//! ends the copy only after what was read before it is written out and
+//! flushed: every byte that arrived in an authenticated record reaches the
+//! other side. What the sockets then do is [`super::closing`]'s business.
+//!
 //! Buffers are lazy. Most connections a sidecar carries are idle most of
 //! the time (pooled HTTP keep-alive, gRPC channels waiting for the next
 //! call), so a buffer held for a connection's whole life costs memory per
@@ -100,7 +105,8 @@ pub enum CopyEnd {
     Idle,
     /// Cancelled from outside (drain deadline, revocation).
     Cancelled,
-    /// A socket failed (reset, broken pipe).
+    /// A socket failed (reset, broken pipe, a TLS stream cut without
+    /// close_notify), after everything read before was written.
     Failed(io::Error),
 }
 
@@ -220,6 +226,8 @@ struct Direction<'t> {
     unflushed: bool,
     /// The source ended while the buffer still held bytes to write.
     source_ended: bool,
+    /// The source failed; reported once what was read before is written.
+    source_failed: Option<io::Error>,
     stage: Stage,
     tally: Option<&'t AtomicUsize>,
 }
@@ -231,6 +239,7 @@ impl<'t> Direction<'t> {
             written: 0,
             unflushed: false,
             source_ended: false,
+            source_failed: None,
             stage: Stage::Copying,
             tally,
         }
@@ -290,6 +299,17 @@ impl<'t> Direction<'t> {
                 self.stage = Stage::Closing;
                 continue;
             }
+            if self.source_failed.is_some() {
+                // Everything read is written; out of a TLS writer too.
+                if self.unflushed {
+                    ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                    self.unflushed = false;
+                }
+                self.buf = None;
+                if let Some(e) = self.source_failed.take() {
+                    return Poll::Ready(Err(e));
+                }
+            }
 
             // The buffer is empty here, so yielding loses nothing; the
             // buffer is kept because data is flowing.
@@ -320,7 +340,12 @@ impl<'t> Direction<'t> {
                             break;
                         }
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        // The bytes this turn read before the failure are
+                        // written first; then the error ends the copy.
+                        self.source_failed = Some(e);
+                        break;
+                    }
                     Poll::Pending if !buf.bytes.is_empty() => break,
                     Poll::Pending => {
                         // Nothing to read and nothing left to write: the
@@ -735,6 +760,102 @@ pub(crate) mod tests {
             CopyEnd::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
             other => panic!("expected Failed, got {other:?}"),
         }
+    }
+
+    /// Reads hand out `chunks`, one per read, then fail with `kind`.
+    struct ThenFail {
+        chunks: std::collections::VecDeque<Vec<u8>>,
+        kind: io::ErrorKind,
+    }
+
+    impl ThenFail {
+        fn new(chunks: usize, size: usize, kind: io::ErrorKind) -> Self {
+            Self {
+                chunks: (0..chunks).map(|i| random_bytes(i as u64, size)).collect(),
+                kind,
+            }
+        }
+
+        fn all(&self) -> Vec<u8> {
+            self.chunks.iter().flatten().copied().collect()
+        }
+    }
+
+    impl AsyncRead for ThenFail {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            match this.chunks.pop_front() {
+                Some(mut chunk) => {
+                    let n = chunk.len().min(buf.remaining());
+                    buf.put_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        this.chunks.push_front(chunk.split_off(n));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                None => Poll::Ready(Err(this.kind.into())),
+            }
+        }
+    }
+
+    impl AsyncWrite for ThenFail {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_a_failure_are_written_before_it_ends_the_copy() {
+        // Ten reads that fit one buffer, then a TLS stream's "closed
+        // without close_notify": the reads and the failure come in one
+        // turn, and the copy used to drop the buffer with the error.
+        let mut client = ThenFail::new(10, 1000, io::ErrorKind::UnexpectedEof);
+        let sent = client.all();
+        let (mut b_inner, mut b_outer) = tokio::io::duplex(1 << 20);
+        let cancel = CancellationToken::new();
+        let (t, end) = pipe(&mut client, &mut b_inner, Duration::from_secs(60), &cancel).await;
+        match end {
+            CopyEnd::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert_eq!(t.client_to_server, 10_000);
+        drop(b_inner);
+        let mut got = Vec::new();
+        b_outer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), sent.len(), "bytes lost");
+        assert!(got == sent, "bytes reordered");
+    }
+
+    #[tokio::test]
+    async fn a_failure_flushes_what_a_buffering_writer_holds() {
+        // Small enough to stay in the BufWriter until it is flushed.
+        let mut client = ThenFail::new(3, 100, io::ErrorKind::ConnectionReset);
+        let sent = client.all();
+        let (b_inner, mut b_outer) = tokio::io::duplex(1 << 20);
+        let mut b_inner = tokio::io::BufWriter::new(b_inner);
+        let cancel = CancellationToken::new();
+        let (_, end) = pipe(&mut client, &mut b_inner, Duration::from_secs(60), &cancel).await;
+        assert!(matches!(end, CopyEnd::Failed(_)), "{end:?}");
+        let mut got = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(5), b_outer.read_exact(&mut got))
+            .await
+            .expect("what was read before the failure was never flushed")
+            .unwrap();
+        assert_eq!(got, sent);
     }
 
     #[tokio::test]

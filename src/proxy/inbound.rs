@@ -15,15 +15,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, Instrument};
 
+use super::closing;
 use super::conn_span::ConnSpan;
 use super::proxy_protocol::{cipher_name, tls_version_name, ProxyHeader};
 use super::read_ahead::ReadAhead;
-use super::registry::Registration;
+use super::registry::{Closer, Registration};
 use super::{classify_handshake_error, Tunnel};
 use crate::config::{InboundConfig, Target};
 use crate::metrics::ConnResult;
 use crate::tls::verify::{PeerRole, VerifiedPeer};
-use tokio_util::sync::CancellationToken;
 
 /// One inbound tunnel.
 pub struct Inbound {
@@ -71,7 +71,7 @@ impl Inbound {
         tcp: TcpStream,
         _permit: OwnedSemaphorePermit,
         registration: &Registration,
-        close: &CancellationToken,
+        close: &Closer,
         span: &mut ConnSpan<'_>,
     ) {
         let t = &self.tunnel;
@@ -223,11 +223,11 @@ impl Inbound {
         mut target: S,
         proxy_header: Option<&[u8]>,
         peer: &VerifiedPeer,
-        close: &CancellationToken,
+        close: &Closer,
         span: &ConnSpan<'_>,
     ) where
-        C: AsyncRead + AsyncWrite + Unpin,
-        S: AsyncRead + AsyncWrite + Unpin + AbortOnClose,
+        C: AsyncRead + AsyncWrite + Unpin + closing::Socket,
+        S: AsyncRead + AsyncWrite + Unpin + closing::Socket,
     {
         if let Some(header) = proxy_header {
             if let Err(e) = target.write_all(header).await {
@@ -239,27 +239,9 @@ impl Inbound {
                 return;
             }
         }
-        let (_, end) = self.tunnel.carry(client, &mut target, peer, close).await;
-        if matches!(end, super::copy::CopyEnd::Failed(_)) {
-            // The client's side broke off: the app sees a reset too, not a
-            // clean end of stream it could take for a complete request.
-            target.abort_on_close();
-        }
+        // If the client's side breaks off, `carry` resets the target once
+        // it has taken every byte: the app sees a reset, not a clean end of
+        // stream it could take for a complete request.
+        self.tunnel.carry(client, &mut target, peer, close).await;
     }
-}
-
-/// A target connection that can be made to close with a reset.
-trait AbortOnClose {
-    fn abort_on_close(&self);
-}
-
-impl AbortOnClose for TcpStream {
-    fn abort_on_close(&self) {
-        let _ = self.set_zero_linger();
-    }
-}
-
-impl AbortOnClose for UnixStream {
-    // Unix sockets have no reset; the close is all there is.
-    fn abort_on_close(&self) {}
 }
