@@ -183,7 +183,11 @@ where
     };
     let mut deadline = far(start);
     let end = loop {
+        // Biased, cancellation first: a revoked connection must not move
+        // one more burst because its data happened to be ready too.
         tokio::select! {
+            biased;
+            () = cancel.cancelled() => break CopyEnd::Cancelled,
             result = &mut copy => break match result {
                 Ok(()) => CopyEnd::Done,
                 Err(e) => CopyEnd::Failed(e),
@@ -195,7 +199,6 @@ where
                 }
                 deadline = far(last);
             }
-            () = cancel.cancelled() => break CopyEnd::Cancelled,
         }
     };
     let transferred = Transferred {
@@ -856,6 +859,21 @@ pub(crate) mod tests {
             .expect("what was read before the failure was never flushed")
             .unwrap();
         assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn cancellation_wins_over_data_ready_to_move() {
+        // Both sides always ready: an unbiased select picks the copy first
+        // about half the time and moves a burst of a cancelled connection.
+        for _ in 0..50 {
+            let (t, end) = on_own_thread(Duration::from_secs(20), || async {
+                let cancel = CancellationToken::new();
+                cancel.cancel();
+                pipe(&mut Endless, &mut Endless, Duration::from_secs(60), &cancel).await
+            });
+            assert!(matches!(end, CopyEnd::Cancelled), "{end:?}");
+            assert_eq!(t, Transferred::default(), "a cancelled copy moved data");
+        }
     }
 
     #[tokio::test]

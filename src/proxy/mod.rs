@@ -271,6 +271,18 @@ impl Tunnel {
         (moved, copy_end)
     }
 
+    /// Ends an authorized connection that was closed (revoked, drained)
+    /// before anything was forwarded: counted under its end, logged at
+    /// debug (the revocation itself was logged by whoever revoked it).
+    pub fn end_unforwarded(&self, close: &Closer, when: &str) {
+        let end = match close.reason() {
+            CloseReason::Revoked => ConnEnd::revoked,
+            CloseReason::Drained => ConnEnd::drained,
+        };
+        self.metrics.count_end(end);
+        tracing::debug!(end = ?end, "connection closed {when}; the target received nothing");
+    }
+
     /// "inbound" or "outbound", for messages.
     pub fn kind_name(&self) -> &'static str {
         self.kind.as_str()
