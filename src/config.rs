@@ -63,6 +63,8 @@ pub struct TunnelSettings {
     /// TLS 1.3 session resumption (bounded tickets; every resumed session
     /// is verified and authorized again).
     pub session_resumption: bool,
+    /// Connections older than this are closed (unset: no bound).
+    pub max_connection_lifetime: Option<Duration>,
 }
 
 impl Default for TunnelSettings {
@@ -75,6 +77,7 @@ impl Default for TunnelSettings {
             drain_timeout: Duration::from_secs(30),
             min_tls: MinTls::Tls13,
             session_resumption: true,
+            max_connection_lifetime: None,
         }
     }
 }
@@ -272,6 +275,7 @@ struct RawSettings {
     drain_timeout: Option<Spanned<String>>,
     min_tls: Option<Spanned<String>>,
     session_resumption: Option<bool>,
+    max_connection_lifetime: Option<Spanned<String>>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so the
@@ -293,6 +297,7 @@ macro_rules! tunnel_table {
             drain_timeout: Option<Spanned<String>>,
             min_tls: Option<Spanned<String>>,
             session_resumption: Option<bool>,
+            max_connection_lifetime: Option<Spanned<String>>,
             $($field: $ty,)*
         }
 
@@ -306,6 +311,7 @@ macro_rules! tunnel_table {
                     drain_timeout: self.drain_timeout.clone(),
                     min_tls: self.min_tls.clone(),
                     session_resumption: self.session_resumption,
+                    max_connection_lifetime: self.max_connection_lifetime.clone(),
                 }
             }
         }
@@ -721,6 +727,13 @@ fn apply_settings(
     if let Some(on) = raw.session_resumption {
         s.session_resumption = on;
     }
+    if let Some(v) = &raw.max_connection_lifetime {
+        s.max_connection_lifetime = Some(positive_duration(
+            v,
+            &format!("{table}.max_connection_lifetime"),
+            at,
+        )?);
+    }
     Ok(s)
 }
 
@@ -1084,6 +1097,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             drain_timeout: secs(30),
             min_tls: MinTls::Tls13,
             session_resumption: true,
+            max_connection_lifetime: None,
         };
 
         assert_eq!(
@@ -1246,6 +1260,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             drain_timeout: secs(30),
             min_tls: MinTls::Tls13,
             session_resumption: true,
+            max_connection_lifetime: None,
         };
         assert_eq!(TunnelSettings::default(), expected);
         assert_eq!(config.inbound[0].settings, expected);
@@ -1257,7 +1272,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
         let text = format!(
             "{WORKLOAD_API}\n[defaults]\nhandshake_timeout = \"2s\"\nconnect_timeout = \"750ms\"\n\
              idle_timeout = \"4m\"\nmax_connections = 50\ndrain_timeout = \"7s\"\nmin_tls = \"1.2\"\n\
-             session_resumption = false\n\
+             session_resumption = false\nmax_connection_lifetime = \"24h\"\n\
              [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
              allow = [\"spiffe://example.org/web\"]\n\
              [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
@@ -1274,6 +1289,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             drain_timeout: secs(7),
             min_tls: MinTls::Tls12,
             session_resumption: false,
+            max_connection_lifetime: Some(secs(86400)),
         };
         assert_eq!(config.inbound[0].settings, expected);
         assert_eq!(config.inbound[1].settings, expected);
@@ -1287,6 +1303,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
              [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
              allow = [\"spiffe://example.org/web\"]\nhandshake_timeout = \"500ms\"\n\
              max_connections = 7\nmin_tls = \"1.3\"\nidle_timeout = \"90s\"\nsession_resumption = false\n\
+             max_connection_lifetime = \"10m\"\n\
              [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
              allow = [\"spiffe://example.org/web\"]\n\
              [[outbound]]\nname = \"c\"\nlisten = \"127.0.0.1:1003\"\nupstreams = [\"x:1\"]\n\
@@ -1303,6 +1320,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 drain_timeout: secs(30),
                 min_tls: MinTls::Tls13,
                 session_resumption: false,
+                max_connection_lifetime: Some(secs(600)),
             }
         );
         // The tunnel's own keys do not leak into its neighbours.
@@ -1316,6 +1334,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 drain_timeout: secs(30),
                 min_tls: MinTls::Tls12,
                 session_resumption: true,
+                max_connection_lifetime: None,
             }
         );
         assert_eq!(
@@ -1328,6 +1347,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 drain_timeout: Duration::ZERO,
                 min_tls: MinTls::Tls12,
                 session_resumption: true,
+                max_connection_lifetime: None,
             }
         );
     }
@@ -1897,6 +1917,7 @@ policy = "out.policy"
             "connect_timeout",
             "idle_timeout",
             "drain_timeout",
+            "max_connection_lifetime",
         ] {
             let text = inbound(&format!("{key} = \"5 parsecs\"\n"));
             assert_invalid(

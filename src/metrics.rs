@@ -50,18 +50,21 @@ pub enum ConnEnd {
     revoked,
     /// Closed at a drain deadline (shutdown, or its tunnel removed).
     drained,
+    /// Older than `max_connection_lifetime`.
+    lifetime,
     /// Any other failure (a TLS error, a refused write).
     error,
 }
 
 impl ConnEnd {
-    pub const ALL: [ConnEnd; 7] = [
+    pub const ALL: [ConnEnd; 8] = [
         ConnEnd::done,
         ConnEnd::truncated,
         ConnEnd::reset,
         ConnEnd::idle,
         ConnEnd::revoked,
         ConnEnd::drained,
+        ConnEnd::lifetime,
         ConnEnd::error,
     ];
 }

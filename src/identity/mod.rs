@@ -235,6 +235,47 @@ impl BundleSet {
                 .all(|((a_td, a), (b_td, b))| a_td == b_td && a.certs == b.certs)
     }
 
+    /// What live connections are re-judged against after the bundles
+    /// changed from `previous` to these: these, plus every CA that left a
+    /// trust domain we still hold only because it had expired by `now`.
+    ///
+    /// A CA's natural expiry is not distrust: SPIRE drops a CA from the
+    /// bundle once it expired, and a connection authenticated through it
+    /// was valid when it began (the same reason a peer certificate that
+    /// expires during a connection does not end it). Distrust is a CA
+    /// removed while still valid, or a whole trust domain removed: those
+    /// stay out, so their connections no longer verify.
+    pub fn with_expired_from(&self, previous: &BundleSet, now: SystemTime) -> BundleSet {
+        let now = i64::try_from(now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+            .unwrap_or(i64::MAX);
+        let expired = |der: &CertificateDer<'_>| {
+            // A CA we cannot read is not known to have expired: distrust.
+            x509svid::check_signer(der).is_ok_and(|v| v.not_after <= now)
+        };
+        let mut judged = self.clone();
+        for (td, now_held) in &self.bundles {
+            let Some(before) = previous.bundles.get(td) else {
+                continue;
+            };
+            let departed: Vec<_> = before
+                .certs
+                .iter()
+                .filter(|c| !now_held.certs.contains(c) && expired(c))
+                .cloned()
+                .collect();
+            if departed.is_empty() {
+                continue;
+            }
+            let mut certs = now_held.certs.clone();
+            certs.extend(departed);
+            // Every certificate already made a usable anchor once.
+            if let Ok(bundle) = TrustBundle::new(td.clone(), certs) {
+                judged.insert(bundle);
+            }
+        }
+        judged
+    }
+
     /// Adds a bundle, replacing any earlier one for the same trust domain.
     pub fn insert(&mut self, bundle: TrustBundle) {
         self.bundles

@@ -5,8 +5,9 @@
 //! future (no extra tasks), handles half-close (when one side finishes
 //! sending, the other side's write half is flushed and shut down: a TCP
 //! FIN, or a TLS close_notify, and the opposite direction keeps flowing
-//! until it finishes too), counts the bytes, ends idle connections, and
-//! stops on cancellation (drain, revocation).
+//! until it finishes too), counts the bytes, ends idle connections and
+//! those past their lifetime, and stops on cancellation (drain,
+//! revocation), which wins over any data ready to move.
 //!
 //! A read that fails (a TLS peer that left without close_notify, a reset)
 //! ends the copy only after what was read before it is written out and
@@ -103,11 +104,32 @@ pub enum CopyEnd {
     Done,
     /// Nothing moved for the idle timeout.
     Idle,
+    /// The connection reached the end of its lifetime.
+    Lifetime,
     /// Cancelled from outside (drain deadline, revocation).
     Cancelled,
     /// A socket failed (reset, broken pipe, a TLS stream cut without
     /// close_notify), after everything read before was written.
     Failed(io::Error),
+}
+
+/// When a copy gives up on its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Ends the copy when nothing moved for this long.
+    pub idle_timeout: Duration,
+    /// Ends the copy at this time, whatever moves.
+    pub end_at: Option<Instant>,
+}
+
+impl From<Duration> for Limits {
+    /// An idle timeout and no lifetime.
+    fn from(idle_timeout: Duration) -> Self {
+        Self {
+            idle_timeout,
+            end_at: None,
+        }
+    }
 }
 
 /// Bytes moved, per direction.
@@ -117,26 +139,26 @@ pub struct Transferred {
     pub server_to_client: u64,
 }
 
-/// Copies between `client` and `server` until both directions finish, the
-/// connection is idle for `idle_timeout`, or `cancel` fires.
+/// Copies between `client` and `server` until both directions finish, a
+/// limit is reached, or `cancel` fires.
 pub async fn pipe<C, S>(
     client: &mut C,
     server: &mut S,
-    idle_timeout: Duration,
+    limits: impl Into<Limits>,
     cancel: &CancellationToken,
 ) -> (Transferred, CopyEnd)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    pipe_counted(client, server, idle_timeout, cancel, None).await
+    pipe_counted(client, server, limits.into(), cancel, None).await
 }
 
 /// [`pipe`], with this pipe's buffers also counted in `tally`.
 async fn pipe_counted<C, S>(
     client: &mut C,
     server: &mut S,
-    idle_timeout: Duration,
+    limits: Limits,
     cancel: &CancellationToken,
     tally: Option<&AtomicUsize>,
 ) -> (Transferred, CopyEnd)
@@ -144,6 +166,10 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Limits {
+        idle_timeout,
+        end_at,
+    } = limits;
     let start = Instant::now();
     let activity = Activity {
         start,
@@ -182,12 +208,20 @@ where
             .unwrap_or_else(|| from + Duration::from_secs(86400 * 365 * 30))
     };
     let mut deadline = far(start);
+    let lifetime = async {
+        match end_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut lifetime = pin!(lifetime);
     let end = loop {
         // Biased, cancellation first: a revoked connection must not move
         // one more burst because its data happened to be ready too.
         tokio::select! {
             biased;
             () = cancel.cancelled() => break CopyEnd::Cancelled,
+            () = &mut lifetime => break CopyEnd::Lifetime,
             result = &mut copy => break match result {
                 Ok(()) => CopyEnd::Done,
                 Err(e) => CopyEnd::Failed(e),
@@ -602,7 +636,7 @@ pub(crate) mod tests {
                 pipe_counted(
                     &mut a_inner,
                     &mut b_inner,
-                    Duration::from_secs(60),
+                    Duration::from_secs(60).into(),
                     &cancel,
                     Some(&tally),
                 )
@@ -874,6 +908,21 @@ pub(crate) mod tests {
             assert!(matches!(end, CopyEnd::Cancelled), "{end:?}");
             assert_eq!(t, Transferred::default(), "a cancelled copy moved data");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_ends_at_its_lifetime_before_its_idle_timeout() {
+        let (_a_outer, mut a_inner) = tokio::io::duplex(64);
+        let (mut b_inner, _b_outer) = tokio::io::duplex(64);
+        let cancel = CancellationToken::new();
+        let started = Instant::now();
+        let limits = Limits {
+            idle_timeout: Duration::from_secs(3600),
+            end_at: Some(started + Duration::from_secs(30)),
+        };
+        let (_, end) = pipe(&mut a_inner, &mut b_inner, limits, &cancel).await;
+        assert!(matches!(end, CopyEnd::Lifetime), "{end:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 
     #[tokio::test]

@@ -229,8 +229,14 @@ impl Tunnel {
         self.metrics.count(ConnResult::ok);
         self.metrics.active.inc();
         let started = std::time::Instant::now();
-        let (moved, copy_end) =
-            copy::pipe(client, server, self.settings.idle_timeout, close.token()).await;
+        let limits = copy::Limits {
+            idle_timeout: self.settings.idle_timeout,
+            end_at: self
+                .settings
+                .max_connection_lifetime
+                .and_then(|life| close.opened().checked_add(life)),
+        };
+        let (moved, copy_end) = copy::pipe(client, server, limits, close.token()).await;
         self.metrics.active.dec();
         self.metrics.client_to_server.inc_by(moved.client_to_server);
         self.metrics.server_to_client.inc_by(moved.server_to_client);
@@ -300,6 +306,7 @@ fn conn_end(end: &CopyEnd, close: &Closer) -> ConnEnd {
     match end {
         CopyEnd::Done => ConnEnd::done,
         CopyEnd::Idle => ConnEnd::idle,
+        CopyEnd::Lifetime => ConnEnd::lifetime,
         CopyEnd::Cancelled => match close.reason() {
             CloseReason::Revoked => ConnEnd::revoked,
             CloseReason::Drained => ConnEnd::drained,
@@ -332,6 +339,7 @@ fn describe_end(end: ConnEnd, copy_end: &CopyEnd) -> String {
     match end {
         ConnEnd::done => "done".into(),
         ConnEnd::idle => "idle timeout".into(),
+        ConnEnd::lifetime => "max_connection_lifetime reached".into(),
         ConnEnd::revoked => {
             "revoked: a reload or trust bundle change no longer allows the peer".into()
         }

@@ -59,6 +59,8 @@ pub enum CloseReason {
 pub struct Closer {
     token: CancellationToken,
     reason: Arc<AtomicU8>,
+    /// When the connection was accepted (its age counts from here).
+    opened: tokio::time::Instant,
 }
 
 /// No reason stored: closed (if at all) by the tunnel's `close_all`.
@@ -71,7 +73,13 @@ impl Closer {
         Self {
             token: parent.child_token(),
             reason: Arc::new(AtomicU8::new(NO_REASON)),
+            opened: tokio::time::Instant::now(),
         }
+    }
+
+    /// When the connection was accepted.
+    pub fn opened(&self) -> tokio::time::Instant {
+        self.opened
     }
 
     /// Closes the connection for `reason`. The first reason stays.
@@ -145,7 +153,6 @@ impl ConnectionRegistry {
         Registration {
             registry: Arc::clone(self),
             id,
-            opened: tokio::time::Instant::now(),
         }
     }
 
@@ -197,15 +204,9 @@ impl ConnectionRegistry {
 pub struct Registration {
     registry: Arc<ConnectionRegistry>,
     id: u64,
-    opened: tokio::time::Instant,
 }
 
 impl Registration {
-    /// When the connection was accepted (its age counts from here).
-    pub fn opened(&self) -> tokio::time::Instant {
-        self.opened
-    }
-
     /// Records the authorized peer and the chain it presented.
     pub fn set_peer(&self, peer: VerifiedPeer, chain: &[CertificateDer<'static>]) {
         if let Some(entry) = self.registry.entries().get_mut(&self.id) {
