@@ -64,6 +64,8 @@ pub struct TunnelSettings {
     /// TLS 1.3 session resumption (bounded tickets; every resumed session
     /// is verified and authorized again).
     pub session_resumption: bool,
+    /// Connections older than this are closed (unset: no bound).
+    pub max_connection_lifetime: Option<Duration>,
 }
 
 impl Default for TunnelSettings {
@@ -76,6 +78,7 @@ impl Default for TunnelSettings {
             drain_timeout: Duration::from_secs(30),
             min_tls: MinTls::Tls13,
             session_resumption: true,
+            max_connection_lifetime: None,
         }
     }
 }
@@ -294,6 +297,7 @@ struct RawSettings {
     drain_timeout: Option<Spanned<String>>,
     min_tls: Option<Spanned<String>>,
     session_resumption: Option<bool>,
+    max_connection_lifetime: Option<Spanned<String>>,
 }
 
 // serde's `flatten` cannot be combined with `deny_unknown_fields`, so the
@@ -316,6 +320,7 @@ macro_rules! tunnel_table {
             drain_timeout: Option<Spanned<String>>,
             min_tls: Option<Spanned<String>>,
             session_resumption: Option<bool>,
+            max_connection_lifetime: Option<Spanned<String>>,
             $($field: $ty,)*
         }
 
@@ -329,6 +334,7 @@ macro_rules! tunnel_table {
                     drain_timeout: self.drain_timeout.clone(),
                     min_tls: self.min_tls.clone(),
                     session_resumption: self.session_resumption,
+                    max_connection_lifetime: self.max_connection_lifetime.clone(),
                 }
             }
         }
@@ -745,6 +751,13 @@ fn apply_settings(
     if let Some(on) = raw.session_resumption {
         s.session_resumption = on;
     }
+    if let Some(v) = &raw.max_connection_lifetime {
+        s.max_connection_lifetime = Some(positive_duration(
+            v,
+            &format!("{table}.max_connection_lifetime"),
+            at,
+        )?);
+    }
     Ok(s)
 }
 
@@ -1160,6 +1173,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             drain_timeout: secs(30),
             min_tls: MinTls::Tls13,
             session_resumption: true,
+            max_connection_lifetime: None,
         };
 
         assert_eq!(
@@ -1322,6 +1336,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             drain_timeout: secs(30),
             min_tls: MinTls::Tls13,
             session_resumption: true,
+            max_connection_lifetime: None,
         };
         assert_eq!(TunnelSettings::default(), expected);
         assert_eq!(config.inbound[0].settings, expected);
@@ -1333,7 +1348,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
         let text = format!(
             "{WORKLOAD_API}\n[defaults]\nhandshake_timeout = \"2s\"\nconnect_timeout = \"750ms\"\n\
              idle_timeout = \"4m\"\nmax_connections = 50\ndrain_timeout = \"7s\"\nmin_tls = \"1.2\"\n\
-             session_resumption = false\n\
+             session_resumption = false\nmax_connection_lifetime = \"24h\"\n\
              [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
              allow = [\"spiffe://example.org/web\"]\n\
              [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
@@ -1350,6 +1365,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             drain_timeout: secs(7),
             min_tls: MinTls::Tls12,
             session_resumption: false,
+            max_connection_lifetime: Some(secs(86400)),
         };
         assert_eq!(config.inbound[0].settings, expected);
         assert_eq!(config.inbound[1].settings, expected);
@@ -1363,6 +1379,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
              [[inbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"127.0.0.1:3000\"\n\
              allow = [\"spiffe://example.org/web\"]\nhandshake_timeout = \"500ms\"\n\
              max_connections = 7\nmin_tls = \"1.3\"\nidle_timeout = \"90s\"\nsession_resumption = false\n\
+             max_connection_lifetime = \"10m\"\n\
              [[inbound]]\nname = \"b\"\nlisten = \"127.0.0.1:1002\"\ntarget = \"127.0.0.1:3001\"\n\
              allow = [\"spiffe://example.org/web\"]\n\
              [[outbound]]\nname = \"c\"\nlisten = \"127.0.0.1:1003\"\nupstreams = [\"x:1\"]\n\
@@ -1379,6 +1396,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 drain_timeout: secs(30),
                 min_tls: MinTls::Tls13,
                 session_resumption: false,
+                max_connection_lifetime: Some(secs(600)),
             }
         );
         // The tunnel's own keys do not leak into its neighbours.
@@ -1392,6 +1410,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 drain_timeout: secs(30),
                 min_tls: MinTls::Tls12,
                 session_resumption: true,
+                max_connection_lifetime: None,
             }
         );
         assert_eq!(
@@ -1404,6 +1423,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 drain_timeout: Duration::ZERO,
                 min_tls: MinTls::Tls12,
                 session_resumption: true,
+                max_connection_lifetime: None,
             }
         );
     }
@@ -2046,6 +2066,7 @@ policy = "out.policy"
             "connect_timeout",
             "idle_timeout",
             "drain_timeout",
+            "max_connection_lifetime",
         ] {
             let text = inbound(&format!("{key} = \"5 parsecs\"\n"));
             assert_invalid(

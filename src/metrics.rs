@@ -32,6 +32,43 @@ pub enum ConnResult {
     no_identity,
 }
 
+/// How an authorized connection ended, for
+/// `spiffe_tunnel_connections_closed_total{end}`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ConnEnd {
+    /// Both sides finished sending.
+    done,
+    /// The TLS peer closed without close_notify: what it sent was
+    /// delivered, then the plain side was reset.
+    truncated,
+    /// A side reset the connection (or the pipe broke).
+    reset,
+    /// Nothing moved for `idle_timeout`.
+    idle,
+    /// A reload or a bundle change no longer allows the peer.
+    revoked,
+    /// Closed at a drain deadline (shutdown, or its tunnel removed).
+    drained,
+    /// Older than `max_connection_lifetime`.
+    lifetime,
+    /// Any other failure (a TLS error, a refused write).
+    error,
+}
+
+impl ConnEnd {
+    pub const ALL: [ConnEnd; 8] = [
+        ConnEnd::done,
+        ConnEnd::truncated,
+        ConnEnd::reset,
+        ConnEnd::idle,
+        ConnEnd::revoked,
+        ConnEnd::drained,
+        ConnEnd::lifetime,
+        ConnEnd::error,
+    ];
+}
+
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Direction {
@@ -76,6 +113,13 @@ struct ConnLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabels {
+    tunnel: String,
+    kind: TunnelKind,
+    end: ConnEnd,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
     tunnel: String,
     kind: TunnelKind,
@@ -112,6 +156,7 @@ struct SpiffeIdLabels {
 pub struct Metrics {
     registry: Registry,
     connections: Family<ConnLabels, Counter>,
+    closed: Family<EndLabels, Counter>,
     active: Family<TunnelLabels, Gauge>,
     bytes: Family<BytesLabels, Counter>,
     handshake_seconds: Family<TunnelLabels, Histogram>,
@@ -137,6 +182,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let connections = Family::<ConnLabels, Counter>::default();
+        let closed = Family::<EndLabels, Counter>::default();
         let active = Family::<TunnelLabels, Gauge>::default();
         let bytes = Family::<BytesLabels, Counter>::default();
         let handshake_seconds = Family::<TunnelLabels, Histogram>::new_with_constructor(
@@ -156,6 +202,11 @@ impl Metrics {
             "spiffe_tunnel_connections",
             "Connections accepted, by how they ended up",
             connections.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_connections_closed",
+            "Authorized connections that ended, by how they ended",
+            closed.clone(),
         );
         registry.register(
             "spiffe_tunnel_connections_active",
@@ -226,6 +277,7 @@ impl Metrics {
         Self {
             registry,
             connections,
+            closed,
             active,
             bytes,
             handshake_seconds,
@@ -268,7 +320,15 @@ impl Metrics {
                 mode,
             })
         };
+        let closed = ConnEnd::ALL.map(|end| {
+            self.closed.get_or_create_owned(&EndLabels {
+                tunnel: name.to_string(),
+                kind,
+                end,
+            })
+        });
         TunnelMetrics {
+            closed,
             ok: result(ConnResult::ok),
             denied: result(ConnResult::denied),
             handshake_error: result(ConnResult::handshake_error),
@@ -334,6 +394,8 @@ fn handshake_histogram() -> Histogram {
 /// The pre-resolved series of one tunnel.
 #[derive(Debug, Clone)]
 pub struct TunnelMetrics {
+    /// By [`ConnEnd::ALL`] order.
+    closed: [Counter; ConnEnd::ALL.len()],
     ok: Counter,
     denied: Counter,
     handshake_error: Counter,
@@ -362,6 +424,14 @@ impl TunnelMetrics {
         .inc();
     }
 
+    /// Counts an authorized connection that ended.
+    pub fn count_end(&self, end: ConnEnd) {
+        // `ALL` lists the variants in declaration order (a test checks).
+        if let Some(counter) = self.closed.get(end as usize) {
+            counter.inc();
+        }
+    }
+
     /// Counts a completed handshake.
     pub fn count_handshake(&self, resumed: bool) {
         if resumed {
@@ -369,5 +439,31 @@ impl TunnelMetrics {
         } else {
             self.full_handshakes.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_is_counted_under_its_own_label() {
+        for (i, end) in ConnEnd::ALL.iter().enumerate() {
+            assert_eq!(*end as usize, i, "ConnEnd::ALL is out of order");
+        }
+        let metrics = Metrics::new();
+        let tunnel = metrics.tunnel("api", TunnelKind::inbound);
+        tunnel.count_end(ConnEnd::truncated);
+        tunnel.count_end(ConnEnd::truncated);
+        tunnel.count_end(ConnEnd::revoked);
+        let text = metrics.encode();
+        let series = |end: &str| {
+            format!("spiffe_tunnel_connections_closed_total{{tunnel=\"api\",kind=\"inbound\",end=\"{end}\"}} ")
+        };
+        assert!(text.contains(&(series("truncated") + "2")), "{text}");
+        assert!(text.contains(&(series("revoked") + "1")), "{text}");
+        // Every end is exposed from the start, at zero.
+        assert!(text.contains(&(series("done") + "0")), "{text}");
+        assert!(text.contains(&(series("error") + "0")), "{text}");
     }
 }

@@ -568,8 +568,12 @@ async fn watch_identity(shared: Arc<Shared>) {
                 let bundles_changed = trusted
                     .as_ref()
                     .is_some_and(|previous| !previous.same_trust(&identity.bundles));
-                if bundles_changed {
-                    revoke_untrusted(&shared, &identity.bundles);
+                if let (true, Some(previous)) = (bundles_changed, &trusted) {
+                    // A CA that left because it expired closes nothing.
+                    let judged = identity
+                        .bundles
+                        .with_expired_from(previous, SystemTime::now());
+                    revoke_untrusted(&shared, &judged);
                 }
                 trusted = Some(identity.bundles.clone());
             }
@@ -644,7 +648,8 @@ fn warn_unchosen_svid(shared: &Shared, identity: &Identity, warned: &mut Option<
 
 /// After a bundle change, closes live connections whose peer chain no
 /// longer leads to a trusted CA (a removed federation, a CA dropped from
-/// the bundle). Expiry is not re-judged: a peer certificate that expired
+/// the bundle while still valid: `bundles` keeps the CAs that left because
+/// they expired). Expiry is not re-judged: a peer certificate that expired
 /// during a long-lived connection was valid when the connection began, and
 /// rotations must not cut live connections.
 fn revoke_untrusted(shared: &Shared, bundles: &BundleSet) {

@@ -93,8 +93,10 @@ impl FileIdentity {
                 Ok(identity) => {
                     seen = now;
                     let was_refused = refused.take().is_some();
-                    // Files touched or rewritten with the same content are
-                    // not a rotation.
+                    // Files touched or rewritten with the same content
+                    // (the same chains, keys and bundles) are not a
+                    // rotation; anything else is published, so a state
+                    // marked seen here is either published or identical.
                     if store
                         .load()
                         .is_some_and(|current| current.same_as(&identity))

@@ -166,6 +166,21 @@ impl Svid {
         self
     }
 
+    /// True when `other` would show a peer exactly what this one shows:
+    /// the same ID, the same chain bytes and the same key.
+    pub fn presents_the_same_as(&self, other: &Svid) -> bool {
+        let (mine, theirs) = (&self.certified_key, &other.certified_key);
+        self.id == other.id
+            && mine.cert == theirs.cert
+            && mine.key.algorithm() == theirs.key.algorithm()
+            && match (mine.key.public_key(), theirs.key.public_key()) {
+                (Some(a), Some(b)) => a == b,
+                // A key that cannot show its public half is compared by
+                // identity only: assume it changed unless it is the same key.
+                _ => Arc::ptr_eq(&mine.key, &theirs.key),
+            }
+    }
+
     /// True while `now` is inside the validity window.
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
         self.not_before <= now && now < self.not_after
@@ -296,6 +311,47 @@ impl BundleSet {
                 .all(|((a_td, a), (b_td, b))| a_td == b_td && a.certs == b.certs)
     }
 
+    /// What live connections are re-judged against after the bundles
+    /// changed from `previous` to these: these, plus every CA that left a
+    /// trust domain we still hold only because it had expired by `now`.
+    ///
+    /// A CA's natural expiry is not distrust: SPIRE drops a CA from the
+    /// bundle once it expired, and a connection authenticated through it
+    /// was valid when it began (the same reason a peer certificate that
+    /// expires during a connection does not end it). Distrust is a CA
+    /// removed while still valid, or a whole trust domain removed: those
+    /// stay out, so their connections no longer verify.
+    pub fn with_expired_from(&self, previous: &BundleSet, now: SystemTime) -> BundleSet {
+        let now = i64::try_from(now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+            .unwrap_or(i64::MAX);
+        let expired = |der: &CertificateDer<'_>| {
+            // A CA we cannot read is not known to have expired: distrust.
+            x509svid::check_signer(der).is_ok_and(|v| v.not_after <= now)
+        };
+        let mut judged = self.clone();
+        for (td, now_held) in &self.bundles {
+            let Some(before) = previous.bundles.get(td) else {
+                continue;
+            };
+            let departed: Vec<_> = before
+                .certs
+                .iter()
+                .filter(|c| !now_held.certs.contains(c) && expired(c))
+                .cloned()
+                .collect();
+            if departed.is_empty() {
+                continue;
+            }
+            let mut certs = now_held.certs.clone();
+            certs.extend(departed);
+            // Every certificate already made a usable anchor once.
+            if let Ok(bundle) = TrustBundle::new(td.clone(), certs) {
+                judged.insert(bundle);
+            }
+        }
+        judged
+    }
+
     /// Adds a bundle, replacing any earlier one for the same trust domain.
     pub fn insert(&mut self, bundle: TrustBundle) {
         self.bundles
@@ -384,15 +440,18 @@ impl Identity {
         self.svids.iter().find(|s| selector.matches(s))
     }
 
-    /// True when both hold the same SVIDs (by ID and serial) and trust the
-    /// same CAs: publishing `other` would change nothing.
+    /// True when both present the same SVIDs (the same chains, byte for
+    /// byte, with the same keys) and trust the same CAs: publishing `other`
+    /// would change nothing. The serial alone is not enough: an issuer may
+    /// re-send a certificate with a missing intermediate added, or a
+    /// rotator may pair the same certificate with another key.
     pub fn same_as(&self, other: &Identity) -> bool {
         self.svids.len() == other.svids.len()
             && self
                 .svids
                 .iter()
                 .zip(&other.svids)
-                .all(|(a, b)| a.id == b.id && a.serial == b.serial)
+                .all(|(a, b)| a.presents_the_same_as(b) && a.hint == b.hint)
             && self.bundles.same_trust(&other.bundles)
     }
 
@@ -594,6 +653,57 @@ mod tests {
         assert_eq!(err.retry_at(), Some(not_before));
         assert!(err.to_string().contains("clock is ahead"), "{err}");
         assert_eq!(IdentityError::NoSvid.retry_at(), None);
+    }
+
+    /// An identity holding one SVID with `chain` (leaf first) and `key`,
+    /// and `ca` as the bundle, built without [`Identity::new`]'s checks so
+    /// a chain with an extra certificate can be compared.
+    fn identity_with(
+        chain: Vec<CertificateDer<'static>>,
+        key: &[u8],
+        ca: &crate::agent::ca::Ca,
+    ) -> Identity {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let key = PrivateKeyDer::Pkcs8(key.to_vec().into());
+        let svid = Svid::from_der(chain, key, &provider).unwrap();
+        let mut bundles = BundleSet::new();
+        bundles.insert(
+            TrustBundle::new(svid.id.trust_domain().clone(), vec![ca.der.clone()]).unwrap(),
+        );
+        Identity {
+            svids: vec![Arc::new(svid)],
+            bundles,
+        }
+    }
+
+    #[test]
+    fn an_identity_is_the_same_only_with_the_same_chain_and_key() {
+        use crate::agent::ca::Ca;
+        let now = SystemTime::now();
+        let td = crate::spiffe_id::parse_trust_domain("example.org").unwrap();
+        let ca = Ca::generate(&td, now, Duration::from_secs(3600)).unwrap();
+        let id = crate::spiffe_id::parse_workload_id("spiffe://example.org/web").unwrap();
+        let issued = ca.issue(&id, now, Duration::from_secs(600)).unwrap();
+        let leaf_only = identity_with(vec![issued.cert.clone()], &issued.key_pkcs8, &ca);
+        let again = identity_with(vec![issued.cert.clone()], &issued.key_pkcs8, &ca);
+        assert!(leaf_only.same_as(&again), "the same files read twice");
+
+        // The same leaf (so the same serial) with a certificate added to
+        // the chain, as when a missing intermediate is supplied.
+        let longer = identity_with(
+            vec![issued.cert.clone(), ca.der.clone()],
+            &issued.key_pkcs8,
+            &ca,
+        );
+        assert_eq!(longer.svids[0].serial, leaf_only.svids[0].serial);
+        assert!(!leaf_only.same_as(&longer));
+        assert!(!longer.same_as(&leaf_only));
+
+        // Another key: a new leaf. (A leaf and a key that do not match are
+        // refused by `Svid::from_der`, so a key change is a leaf change.)
+        let rekeyed = ca.issue(&id, now, Duration::from_secs(600)).unwrap();
+        let other = identity_with(vec![rekeyed.cert.clone()], &rekeyed.key_pkcs8, &ca);
+        assert!(!leaf_only.same_as(&other));
     }
 
     #[test]

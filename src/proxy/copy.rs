@@ -5,8 +5,14 @@
 //! future (no extra tasks), handles half-close (when one side finishes
 //! sending, the other side's write half is flushed and shut down: a TCP
 //! FIN, or a TLS close_notify, and the opposite direction keeps flowing
-//! until it finishes too), counts the bytes, ends idle connections, and
-//! stops on cancellation (drain, revocation).
+//! until it finishes too), counts the bytes, ends idle connections and
+//! those past their lifetime, and stops on cancellation (drain,
+//! revocation), which wins over any data ready to move.
+//!
+//! A read that fails (a TLS peer that left without close_notify, a reset)
+//! ends the copy only after what was read before it is written out and
+//! flushed: every byte that arrived in an authenticated record reaches the
+//! other side. What the sockets then do is [`super::closing`]'s business.
 //!
 //! Buffers are lazy. Most connections a sidecar carries are idle most of
 //! the time (pooled HTTP keep-alive, gRPC channels waiting for the next
@@ -98,10 +104,32 @@ pub enum CopyEnd {
     Done,
     /// Nothing moved for the idle timeout.
     Idle,
+    /// The connection reached the end of its lifetime.
+    Lifetime,
     /// Cancelled from outside (drain deadline, revocation).
     Cancelled,
-    /// A socket failed (reset, broken pipe).
+    /// A socket failed (reset, broken pipe, a TLS stream cut without
+    /// close_notify), after everything read before was written.
     Failed(io::Error),
+}
+
+/// When a copy gives up on its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Ends the copy when nothing moved for this long.
+    pub idle_timeout: Duration,
+    /// Ends the copy at this time, whatever moves.
+    pub end_at: Option<Instant>,
+}
+
+impl From<Duration> for Limits {
+    /// An idle timeout and no lifetime.
+    fn from(idle_timeout: Duration) -> Self {
+        Self {
+            idle_timeout,
+            end_at: None,
+        }
+    }
 }
 
 /// Bytes moved, per direction.
@@ -111,26 +139,26 @@ pub struct Transferred {
     pub server_to_client: u64,
 }
 
-/// Copies between `client` and `server` until both directions finish, the
-/// connection is idle for `idle_timeout`, or `cancel` fires.
+/// Copies between `client` and `server` until both directions finish, a
+/// limit is reached, or `cancel` fires.
 pub async fn pipe<C, S>(
     client: &mut C,
     server: &mut S,
-    idle_timeout: Duration,
+    limits: impl Into<Limits>,
     cancel: &CancellationToken,
 ) -> (Transferred, CopyEnd)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    pipe_counted(client, server, idle_timeout, cancel, None).await
+    pipe_counted(client, server, limits.into(), cancel, None).await
 }
 
 /// [`pipe`], with this pipe's buffers also counted in `tally`.
 async fn pipe_counted<C, S>(
     client: &mut C,
     server: &mut S,
-    idle_timeout: Duration,
+    limits: Limits,
     cancel: &CancellationToken,
     tally: Option<&AtomicUsize>,
 ) -> (Transferred, CopyEnd)
@@ -138,6 +166,10 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Limits {
+        idle_timeout,
+        end_at,
+    } = limits;
     let start = Instant::now();
     let activity = Activity {
         start,
@@ -176,8 +208,20 @@ where
             .unwrap_or_else(|| from + Duration::from_secs(86400 * 365 * 30))
     };
     let mut deadline = far(start);
+    let lifetime = async {
+        match end_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut lifetime = pin!(lifetime);
     let end = loop {
+        // Biased, cancellation first: a revoked connection must not move
+        // one more burst because its data happened to be ready too.
         tokio::select! {
+            biased;
+            () = cancel.cancelled() => break CopyEnd::Cancelled,
+            () = &mut lifetime => break CopyEnd::Lifetime,
             result = &mut copy => break match result {
                 Ok(()) => CopyEnd::Done,
                 Err(e) => CopyEnd::Failed(e),
@@ -189,7 +233,6 @@ where
                 }
                 deadline = far(last);
             }
-            () = cancel.cancelled() => break CopyEnd::Cancelled,
         }
     };
     let transferred = Transferred {
@@ -220,6 +263,8 @@ struct Direction<'t> {
     unflushed: bool,
     /// The source ended while the buffer still held bytes to write.
     source_ended: bool,
+    /// The source failed; reported once what was read before is written.
+    source_failed: Option<io::Error>,
     stage: Stage,
     tally: Option<&'t AtomicUsize>,
 }
@@ -231,6 +276,7 @@ impl<'t> Direction<'t> {
             written: 0,
             unflushed: false,
             source_ended: false,
+            source_failed: None,
             stage: Stage::Copying,
             tally,
         }
@@ -290,6 +336,17 @@ impl<'t> Direction<'t> {
                 self.stage = Stage::Closing;
                 continue;
             }
+            if self.source_failed.is_some() {
+                // Everything read is written; out of a TLS writer too.
+                if self.unflushed {
+                    ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                    self.unflushed = false;
+                }
+                self.buf = None;
+                if let Some(e) = self.source_failed.take() {
+                    return Poll::Ready(Err(e));
+                }
+            }
 
             // The buffer is empty here, so yielding loses nothing; the
             // buffer is kept because data is flowing.
@@ -320,7 +377,12 @@ impl<'t> Direction<'t> {
                             break;
                         }
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        // The bytes this turn read before the failure are
+                        // written first; then the error ends the copy.
+                        self.source_failed = Some(e);
+                        break;
+                    }
                     Poll::Pending if !buf.bytes.is_empty() => break,
                     Poll::Pending => {
                         // Nothing to read and nothing left to write: the
@@ -574,7 +636,7 @@ pub(crate) mod tests {
                 pipe_counted(
                     &mut a_inner,
                     &mut b_inner,
-                    Duration::from_secs(60),
+                    Duration::from_secs(60).into(),
                     &cancel,
                     Some(&tally),
                 )
@@ -735,6 +797,132 @@ pub(crate) mod tests {
             CopyEnd::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
             other => panic!("expected Failed, got {other:?}"),
         }
+    }
+
+    /// Reads hand out `chunks`, one per read, then fail with `kind`.
+    struct ThenFail {
+        chunks: std::collections::VecDeque<Vec<u8>>,
+        kind: io::ErrorKind,
+    }
+
+    impl ThenFail {
+        fn new(chunks: usize, size: usize, kind: io::ErrorKind) -> Self {
+            Self {
+                chunks: (0..chunks).map(|i| random_bytes(i as u64, size)).collect(),
+                kind,
+            }
+        }
+
+        fn all(&self) -> Vec<u8> {
+            self.chunks.iter().flatten().copied().collect()
+        }
+    }
+
+    impl AsyncRead for ThenFail {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            match this.chunks.pop_front() {
+                Some(mut chunk) => {
+                    let n = chunk.len().min(buf.remaining());
+                    buf.put_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        this.chunks.push_front(chunk.split_off(n));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                None => Poll::Ready(Err(this.kind.into())),
+            }
+        }
+    }
+
+    impl AsyncWrite for ThenFail {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_a_failure_are_written_before_it_ends_the_copy() {
+        // Ten reads that fit one buffer, then a TLS stream's "closed
+        // without close_notify": the reads and the failure come in one
+        // turn, and the copy used to drop the buffer with the error.
+        let mut client = ThenFail::new(10, 1000, io::ErrorKind::UnexpectedEof);
+        let sent = client.all();
+        let (mut b_inner, mut b_outer) = tokio::io::duplex(1 << 20);
+        let cancel = CancellationToken::new();
+        let (t, end) = pipe(&mut client, &mut b_inner, Duration::from_secs(60), &cancel).await;
+        match end {
+            CopyEnd::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert_eq!(t.client_to_server, 10_000);
+        drop(b_inner);
+        let mut got = Vec::new();
+        b_outer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), sent.len(), "bytes lost");
+        assert!(got == sent, "bytes reordered");
+    }
+
+    #[tokio::test]
+    async fn a_failure_flushes_what_a_buffering_writer_holds() {
+        // Small enough to stay in the BufWriter until it is flushed.
+        let mut client = ThenFail::new(3, 100, io::ErrorKind::ConnectionReset);
+        let sent = client.all();
+        let (b_inner, mut b_outer) = tokio::io::duplex(1 << 20);
+        let mut b_inner = tokio::io::BufWriter::new(b_inner);
+        let cancel = CancellationToken::new();
+        let (_, end) = pipe(&mut client, &mut b_inner, Duration::from_secs(60), &cancel).await;
+        assert!(matches!(end, CopyEnd::Failed(_)), "{end:?}");
+        let mut got = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(5), b_outer.read_exact(&mut got))
+            .await
+            .expect("what was read before the failure was never flushed")
+            .unwrap();
+        assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn cancellation_wins_over_data_ready_to_move() {
+        // Both sides always ready: an unbiased select picks the copy first
+        // about half the time and moves a burst of a cancelled connection.
+        for _ in 0..50 {
+            let (t, end) = on_own_thread(Duration::from_secs(20), || async {
+                let cancel = CancellationToken::new();
+                cancel.cancel();
+                pipe(&mut Endless, &mut Endless, Duration::from_secs(60), &cancel).await
+            });
+            assert!(matches!(end, CopyEnd::Cancelled), "{end:?}");
+            assert_eq!(t, Transferred::default(), "a cancelled copy moved data");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_ends_at_its_lifetime_before_its_idle_timeout() {
+        let (_a_outer, mut a_inner) = tokio::io::duplex(64);
+        let (mut b_inner, _b_outer) = tokio::io::duplex(64);
+        let cancel = CancellationToken::new();
+        let started = Instant::now();
+        let limits = Limits {
+            idle_timeout: Duration::from_secs(3600),
+            end_at: Some(started + Duration::from_secs(30)),
+        };
+        let (_, end) = pipe(&mut a_inner, &mut b_inner, limits, &cancel).await;
+        assert!(matches!(end, CopyEnd::Lifetime), "{end:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 
     #[tokio::test]

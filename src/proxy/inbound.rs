@@ -15,15 +15,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, Instrument};
 
+use super::closing;
 use super::conn_span::ConnSpan;
 use super::proxy_protocol::{cipher_name, tls_version_name, ProxyHeader};
 use super::read_ahead::ReadAhead;
-use super::registry::Registration;
+use super::registry::{Closer, Registration};
 use super::{classify_handshake_error, Tunnel};
 use crate::config::{InboundConfig, Target};
 use crate::metrics::ConnResult;
 use crate::tls::verify::{PeerRole, VerifiedPeer};
-use tokio_util::sync::CancellationToken;
 
 /// One inbound tunnel.
 pub struct Inbound {
@@ -71,7 +71,7 @@ impl Inbound {
         tcp: TcpStream,
         _permit: OwnedSemaphorePermit,
         registration: &Registration,
-        close: &CancellationToken,
+        close: &Closer,
         span: &mut ConnSpan<'_>,
     ) {
         let t = &self.tunnel;
@@ -177,36 +177,46 @@ impl Inbound {
             .encode()
         });
 
-        // Authorized: now, and only now, the target hears of this peer.
+        // Authorized: now, and only now, the target hears of this peer,
+        // unless it was revoked since (a reload or bundle change that
+        // landed after `admit`): then the target never hears of it.
         let header = proxy_header.as_deref();
+        if close.is_closed() {
+            t.end_unforwarded(close, "before the target was dialled");
+            return;
+        }
         let timeout = t.settings.connect_timeout;
-        let (target, failed) = match &self.config.target {
-            Target::Tcp(addr) => {
-                match tokio::time::timeout(timeout, TcpStream::connect(addr.as_str())).await {
-                    Ok(Ok(target)) => {
-                        let _ = target.set_nodelay(true);
-                        return self
-                            .forward(&mut tls, target, header, &peer, close, span)
-                            .await;
-                    }
-                    Ok(Err(e)) => (addr.to_string(), e.to_string()),
-                    Err(_) => (addr.to_string(), "connect timed out".to_string()),
-                }
+        let target = self.config.target.to_string();
+        let dial = async {
+            match &self.config.target {
+                Target::Tcp(addr) => TcpStream::connect(addr.as_str()).await.map(Dialled::Tcp),
+                Target::Unix(path) => UnixStream::connect(path).await.map(Dialled::Unix),
             }
-            Target::Unix(path) => {
-                match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
-                    Ok(Ok(target)) => {
-                        return self
-                            .forward(&mut tls, target, header, &peer, close, span)
-                            .await;
-                    }
-                    Ok(Err(e)) => (format!("unix:{}", path.display()), e.to_string()),
-                    Err(_) => (
-                        format!("unix:{}", path.display()),
-                        "connect timed out".to_string(),
-                    ),
-                }
+        };
+        // A connect may take up to `connect_timeout`; a revocation in the
+        // meantime abandons it.
+        let dialled = tokio::select! {
+            biased;
+            () = close.token().cancelled() => {
+                t.end_unforwarded(close, "while the target was dialled");
+                return;
             }
+            dialled = tokio::time::timeout(timeout, dial) => dialled,
+        };
+        let failed = match dialled {
+            Ok(Ok(Dialled::Tcp(target))) => {
+                let _ = target.set_nodelay(true);
+                return self
+                    .forward(&mut tls, target, header, &peer, close, span)
+                    .await;
+            }
+            Ok(Ok(Dialled::Unix(target))) => {
+                return self
+                    .forward(&mut tls, target, header, &peer, close, span)
+                    .await;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
         };
         t.refuse(
             span,
@@ -223,12 +233,18 @@ impl Inbound {
         mut target: S,
         proxy_header: Option<&[u8]>,
         peer: &VerifiedPeer,
-        close: &CancellationToken,
+        close: &Closer,
         span: &ConnSpan<'_>,
     ) where
-        C: AsyncRead + AsyncWrite + Unpin,
-        S: AsyncRead + AsyncWrite + Unpin + AbortOnClose,
+        C: AsyncRead + AsyncWrite + Unpin + closing::Socket,
+        S: AsyncRead + AsyncWrite + Unpin + closing::Socket,
     {
+        // The last moment before the target's first byte.
+        if close.is_closed() {
+            self.tunnel
+                .end_unforwarded(close, "before the first byte reached the target");
+            return;
+        }
         if let Some(header) = proxy_header {
             if let Err(e) = target.write_all(header).await {
                 self.tunnel.refuse(
@@ -239,27 +255,15 @@ impl Inbound {
                 return;
             }
         }
-        let (_, end) = self.tunnel.carry(client, &mut target, peer, close).await;
-        if matches!(end, super::copy::CopyEnd::Failed(_)) {
-            // The client's side broke off: the app sees a reset too, not a
-            // clean end of stream it could take for a complete request.
-            target.abort_on_close();
-        }
+        // If the client's side breaks off, `carry` resets the target once
+        // it has taken every byte: the app sees a reset, not a clean end of
+        // stream it could take for a complete request.
+        self.tunnel.carry(client, &mut target, peer, close).await;
     }
 }
 
-/// A target connection that can be made to close with a reset.
-trait AbortOnClose {
-    fn abort_on_close(&self);
-}
-
-impl AbortOnClose for TcpStream {
-    fn abort_on_close(&self) {
-        let _ = self.set_zero_linger();
-    }
-}
-
-impl AbortOnClose for UnixStream {
-    // Unix sockets have no reset; the close is all there is.
-    fn abort_on_close(&self) {}
+/// A connected target.
+enum Dialled {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }

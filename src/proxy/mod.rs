@@ -7,6 +7,7 @@
 //! two directions share; [`inbound`] and [`outbound`] hold what differs.
 
 pub mod balance;
+pub mod closing;
 pub mod conn_span;
 pub mod copy;
 pub mod inbound;
@@ -14,6 +15,7 @@ pub mod outbound;
 pub mod proxy_protocol;
 pub mod read_ahead;
 pub mod registry;
+pub mod send_queue;
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::config::TunnelSettings;
 use crate::identity::IdentityStore;
-use crate::metrics::{ConnResult, TunnelKind, TunnelMetrics};
+use crate::metrics::{ConnEnd, ConnResult, TunnelKind, TunnelMetrics};
 use crate::policy::Policy;
 use crate::tls::resolver::SvidResolver;
 use crate::tls::verify::{
@@ -38,7 +40,7 @@ use crate::tls::verify::{
 };
 use conn_span::ConnSpan;
 use copy::CopyEnd;
-use registry::{ConnectionRegistry, Registration};
+use registry::{CloseReason, Closer, ConnectionRegistry, Registration};
 use rustls_pki_types::CertificateDer;
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -115,9 +117,9 @@ impl Tunnel {
         self.last_refusal.load_full()
     }
 
-    /// Registers a new connection; the returned token closes it.
-    pub fn register(&self, client: SocketAddr) -> (Registration, CancellationToken) {
-        let close = self.close_all.child_token();
+    /// Registers a new connection; the returned closer closes it.
+    pub fn register(&self, client: SocketAddr) -> (Registration, Closer) {
+        let close = Closer::under(&self.close_all);
         let registration = self
             .registry
             .register(&self.name, self.kind, client, close.clone());
@@ -209,35 +211,50 @@ impl Tunnel {
     }
 
     /// Copies between the two ends of an authorized connection until it
-    /// ends, with the metrics and the closing log line (the access log when
-    /// the tunnel has one, else a debug line).
+    /// ends, then closes it the way its end calls for (see
+    /// [`closing`]: after a failure, what was written is delivered and the
+    /// plain side reset), with the metrics and the closing log line (the
+    /// access log when the tunnel has one, else a debug line).
     pub async fn carry<C, S>(
         &self,
         client: &mut C,
         server: &mut S,
         peer: &VerifiedPeer,
-        close: &CancellationToken,
+        close: &Closer,
     ) -> (copy::Transferred, CopyEnd)
     where
-        C: AsyncRead + AsyncWrite + Unpin,
-        S: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + Unpin + closing::Socket,
+        S: AsyncRead + AsyncWrite + Unpin + closing::Socket,
     {
         self.metrics.count(ConnResult::ok);
         self.metrics.active.inc();
         let started = std::time::Instant::now();
-        let (moved, end) = copy::pipe(client, server, self.settings.idle_timeout, close).await;
+        let limits = copy::Limits {
+            idle_timeout: self.settings.idle_timeout,
+            end_at: self
+                .settings
+                .max_connection_lifetime
+                .and_then(|life| close.opened().checked_add(life)),
+        };
+        let (moved, copy_end) = copy::pipe(client, server, limits, close.token()).await;
         self.metrics.active.dec();
         self.metrics.client_to_server.inc_by(moved.client_to_server);
         self.metrics.server_to_client.inc_by(moved.server_to_client);
-        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let how = match &end {
-            CopyEnd::Done => "done".to_string(),
-            CopyEnd::Idle => "idle timeout".to_string(),
-            CopyEnd::Cancelled => {
-                "closed by spiffe-tunnel (revoked, drained or removed)".to_string()
+        let end = conn_end(&copy_end, close);
+        if matches!(end, ConnEnd::truncated | ConnEnd::reset | ConnEnd::error) {
+            let patience = self.settings.idle_timeout;
+            match self.kind {
+                TunnelKind::inbound => {
+                    closing::deliver_then_reset(server, client, patience, close.token()).await;
+                }
+                TunnelKind::outbound => {
+                    closing::deliver_then_reset(client, server, patience, close.token()).await;
+                }
             }
-            CopyEnd::Failed(e) => format!("error: {e}"),
-        };
+        }
+        self.metrics.count_end(end);
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let how = describe_end(end, &copy_end);
         if self.access_log {
             info!(
                 target: "spiffe_tunnel::access",
@@ -257,7 +274,19 @@ impl Tunnel {
                 "connection closed"
             );
         }
-        (moved, end)
+        (moved, copy_end)
+    }
+
+    /// Ends an authorized connection that was closed (revoked, drained)
+    /// before anything was forwarded: counted under its end, logged at
+    /// debug (the revocation itself was logged by whoever revoked it).
+    pub fn end_unforwarded(&self, close: &Closer, when: &str) {
+        let end = match close.reason() {
+            CloseReason::Revoked => ConnEnd::revoked,
+            CloseReason::Drained => ConnEnd::drained,
+        };
+        self.metrics.count_end(end);
+        tracing::debug!(end = ?end, "connection closed {when}; the target received nothing");
     }
 
     /// "inbound" or "outbound", for messages.
@@ -268,6 +297,58 @@ impl Tunnel {
     /// Live connections right now.
     pub fn active_connections(&self) -> usize {
         self.settings.max_connections - self.limit.available_permits()
+    }
+}
+
+/// How a copy's end is counted: a cancellation by its reason, a failure
+/// by what failed.
+fn conn_end(end: &CopyEnd, close: &Closer) -> ConnEnd {
+    match end {
+        CopyEnd::Done => ConnEnd::done,
+        CopyEnd::Idle => ConnEnd::idle,
+        CopyEnd::Lifetime => ConnEnd::lifetime,
+        CopyEnd::Cancelled => match close.reason() {
+            CloseReason::Revoked => ConnEnd::revoked,
+            CloseReason::Drained => ConnEnd::drained,
+        },
+        // tokio-rustls reports a peer that closed its socket without
+        // close_notify (or in the middle of a record) as an unexpected
+        // end of file; a plain socket reports end of stream as a read of
+        // zero bytes, never as this error.
+        CopyEnd::Failed(e) if e.kind() == io::ErrorKind::UnexpectedEof => ConnEnd::truncated,
+        CopyEnd::Failed(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            ConnEnd::reset
+        }
+        CopyEnd::Failed(_) => ConnEnd::error,
+    }
+}
+
+/// The `end` of a connection's closing line.
+fn describe_end(end: ConnEnd, copy_end: &CopyEnd) -> String {
+    let error = match copy_end {
+        CopyEnd::Failed(e) => e.to_string(),
+        _ => String::new(),
+    };
+    match end {
+        ConnEnd::done => "done".into(),
+        ConnEnd::idle => "idle timeout".into(),
+        ConnEnd::lifetime => "max_connection_lifetime reached".into(),
+        ConnEnd::revoked => {
+            "revoked: a reload or trust bundle change no longer allows the peer".into()
+        }
+        ConnEnd::drained => "closed by spiffe-tunnel (drain deadline or tunnel removed)".into(),
+        ConnEnd::truncated => format!(
+            "truncated ({error}): everything received was delivered, then the plain side was reset"
+        ),
+        ConnEnd::reset => format!("reset: {error}"),
+        ConnEnd::error => format!("error: {error}"),
     }
 }
 

@@ -19,13 +19,12 @@ use super::balance::Balancer;
 use super::conn_span::ConnSpan;
 use super::copy::CopyEnd;
 use super::read_ahead::ReadAhead;
-use super::registry::Registration;
+use super::registry::{Closer, Registration};
 use super::{classify_handshake_error, rustls_error, Tunnel};
 use crate::config::OutboundConfig;
 use crate::metrics::ConnResult;
 use crate::tls::resumption::ClientResumption;
 use crate::tls::verify::PeerRole;
-use tokio_util::sync::CancellationToken;
 
 /// One outbound tunnel.
 pub struct Outbound {
@@ -87,7 +86,7 @@ impl Outbound {
         mut client: TcpStream,
         _permit: OwnedSemaphorePermit,
         registration: &Registration,
-        close: &CancellationToken,
+        close: &Closer,
         span: &mut ConnSpan<'_>,
     ) {
         let t = &self.tunnel;
@@ -195,12 +194,10 @@ impl Outbound {
         let _in_use = &chosen;
         span.set_peer(&peer.id);
 
+        // If the far side breaks off, `carry` resets the app's connection
+        // once it has taken every byte: the app sees a reset, not a clean
+        // end of stream it could take for a complete response.
         let (moved, end) = t.carry(&mut client, &mut tls, &peer, close).await;
-        if matches!(end, CopyEnd::Failed(_)) {
-            // The far side broke off: make the app see a reset too, not a
-            // clean end of stream it could take for a complete response.
-            let _ = client.set_zero_linger();
-        }
         // In TLS 1.3 the server checks our certificate after our side of the
         // handshake is done, so its refusal arrives as the first read.
         if let CopyEnd::Failed(e) = &end {

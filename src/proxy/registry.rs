@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -37,7 +37,79 @@ pub struct ConnectionInfo {
 #[derive(Debug)]
 struct Entry {
     info: ConnectionInfo,
-    close: CancellationToken,
+    close: Closer,
+}
+
+/// Why spiffe-tunnel closed a connection from outside its copy loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its tunnel closed every connection it still had: the drain
+    /// deadline of a shutdown, or of a tunnel a reload removed.
+    Drained,
+    /// A reload or a bundle change no longer allows its peer.
+    Revoked,
+}
+
+/// Closes one connection and says why. The token is a child of its
+/// tunnel's `close_all`, so a connection closed that way never had a
+/// reason stored: it was drained. Every other closer stores its reason
+/// before cancelling, so the copy that wakes on the cancellation reads
+/// the right one.
+#[derive(Debug, Clone)]
+pub struct Closer {
+    token: CancellationToken,
+    reason: Arc<AtomicU8>,
+    /// When the connection was accepted (its age counts from here).
+    opened: tokio::time::Instant,
+}
+
+/// No reason stored: closed (if at all) by the tunnel's `close_all`.
+const NO_REASON: u8 = 0;
+const REVOKED: u8 = 1;
+
+impl Closer {
+    /// A closer under `parent` (a tunnel's `close_all`).
+    pub fn under(parent: &CancellationToken) -> Self {
+        Self {
+            token: parent.child_token(),
+            reason: Arc::new(AtomicU8::new(NO_REASON)),
+            opened: tokio::time::Instant::now(),
+        }
+    }
+
+    /// When the connection was accepted.
+    pub fn opened(&self) -> tokio::time::Instant {
+        self.opened
+    }
+
+    /// Closes the connection for `reason`. The first reason stays.
+    pub fn close(&self, reason: CloseReason) {
+        let code = match reason {
+            CloseReason::Drained => NO_REASON,
+            CloseReason::Revoked => REVOKED,
+        };
+        let _ = self
+            .reason
+            .compare_exchange(NO_REASON, code, Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
+    }
+
+    /// The token the copy loop waits on.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Why the connection was closed, once it is.
+    pub fn reason(&self) -> CloseReason {
+        match self.reason.load(Ordering::Acquire) {
+            REVOKED => CloseReason::Revoked,
+            _ => CloseReason::Drained,
+        }
+    }
 }
 
 /// Every live connection of the process.
@@ -58,14 +130,14 @@ impl ConnectionRegistry {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a just-accepted connection. `close` is the token that ends
-    /// its copy loop.
+    /// Registers a just-accepted connection. `close` is what ends its copy
+    /// loop.
     pub fn register(
         self: &Arc<Self>,
         tunnel: &str,
         kind: TunnelKind,
         client: SocketAddr,
-        close: CancellationToken,
+        close: Closer,
     ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let info = ConnectionInfo {
@@ -115,11 +187,11 @@ impl ConnectionRegistry {
         let entries = self.entries();
         let mut closed = Vec::new();
         for entry in entries.values() {
-            if entry.info.peer.is_none() || entry.close.is_cancelled() {
+            if entry.info.peer.is_none() || entry.close.is_closed() {
                 continue;
             }
             if let Some(why) = reason(&entry.info) {
-                entry.close.cancel();
+                entry.close.close(CloseReason::Revoked);
                 closed.push((entry.info.clone(), why));
             }
         }
@@ -166,10 +238,11 @@ mod tests {
     fn registers_closes_and_forgets() {
         let registry = ConnectionRegistry::new();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let all = CancellationToken::new();
         let (a_token, b_token, c_token) = (
-            CancellationToken::new(),
-            CancellationToken::new(),
-            CancellationToken::new(),
+            Closer::under(&all),
+            Closer::under(&all),
+            Closer::under(&all),
         );
         let a = registry.register("api", TunnelKind::inbound, addr, a_token.clone());
         let b = registry.register("api", TunnelKind::inbound, addr, b_token.clone());
@@ -180,9 +253,15 @@ mod tests {
 
         let closed = registry.close_where(|c| c.peer.as_ref().unwrap().id.path() == "/web");
         assert_eq!(closed, 1);
-        assert!(!a_token.is_cancelled() && b_token.is_cancelled());
+        assert!(!a_token.is_closed() && b_token.is_closed());
+        assert_eq!(b_token.reason(), CloseReason::Revoked);
         // Not yet authorized: left to its own authorization check.
-        assert!(!c_token.is_cancelled());
+        assert!(!c_token.is_closed());
+        // Closed by the tunnel: drained; a revoked one stays revoked.
+        all.cancel();
+        assert!(a_token.is_closed());
+        assert_eq!(a_token.reason(), CloseReason::Drained);
+        assert_eq!(b_token.reason(), CloseReason::Revoked);
 
         drop(a);
         drop(b);

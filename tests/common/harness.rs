@@ -435,3 +435,19 @@ impl PausedHandshake {
         Ok(got)
     }
 }
+
+/// The certificate the inbound presents now.
+pub async fn presented_cert(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    // A resumed TLS 1.3 session never shows the server's certificate again:
+    // the client keeps the one of the first full handshake, even through
+    // the tickets of later resumptions. To see what the server presents
+    // now, this client does not resume.
+    let mut config = rustls::ClientConfig::clone(&config);
+    config.resumption = rustls::client::Resumption::disabled();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("spiffe-tunnel.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}

@@ -5,6 +5,7 @@ pub mod fake_api;
 pub mod haproxy;
 pub mod harness;
 pub mod netns;
+pub mod node;
 pub mod pp2;
 pub mod probe;
 pub mod spire;
