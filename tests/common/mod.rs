@@ -5,6 +5,8 @@ pub mod fake_api;
 pub mod haproxy;
 pub mod harness;
 pub mod netns;
+pub mod peers;
 pub mod pp2;
 pub mod probe;
+pub mod svid_cases;
 pub mod targets;
