@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"time"
 
@@ -54,12 +55,12 @@ func runClient(args []string) int {
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(*timeout))
 	if _, err := fmt.Fprintf(conn, "%s\n", *message); err != nil {
-		fmt.Fprintf(os.Stderr, "client: write: %v\n", err)
+		fmt.Fprintf(os.Stderr, "client: write: %v%s\n", err, unreadRefusal(conn))
 		return exitFailure
 	}
 	if closer, ok := conn.(interface{ CloseWrite() error }); ok {
 		if err := closer.CloseWrite(); err != nil {
-			fmt.Fprintf(os.Stderr, "client: half-close: %v\n", err)
+			fmt.Fprintf(os.Stderr, "client: half-close: %v%s\n", err, unreadRefusal(conn))
 			return exitFailure
 		}
 	}
@@ -77,4 +78,16 @@ func runClient(args []string) int {
 	}
 	os.Stdout.Write(answer)
 	return exitOK
+}
+
+// unreadRefusal reads what a server sent before it closed: in TLS 1.3 a
+// server refuses our certificate after our side of the handshake is done,
+// sends an alert and closes, and our next write may fail on the closed
+// socket before the alert is read. The alert says why.
+func unreadRefusal(conn net.Conn) string {
+	_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Read(make([]byte, 256)); err != nil {
+		return "; the server had sent: " + err.Error()
+	}
+	return ""
 }
