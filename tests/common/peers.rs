@@ -90,6 +90,15 @@ impl GoAuthorizer {
     }
 }
 
+/// Where a [`LoggedChild`]'s stdout goes.
+#[derive(Debug, Clone, Copy)]
+pub enum StdoutTo {
+    /// A pipe, to read a line from ([`LoggedChild::first_line`]).
+    Pipe,
+    /// The log file, with stderr (ghostunnel logs on stdout).
+    Log,
+}
+
 /// A child process whose stderr goes to a log file; killed when dropped.
 pub struct LoggedChild {
     child: Child,
@@ -98,19 +107,19 @@ pub struct LoggedChild {
 }
 
 impl LoggedChild {
-    /// Starts `command` with stderr to `dir/NAME-N.log`. Stdout is piped
-    /// when `stdout` is true (to read a line from it), else discarded.
-    pub fn spawn(mut command: Command, dir: &Path, name: &str, stdout: bool) -> Self {
+    /// Starts `command` with stderr to `dir/NAME-N.log`, and stdout as
+    /// `stdout` says.
+    pub fn spawn(mut command: Command, dir: &Path, name: &str, stdout: StdoutTo) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("{name}-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let file = std::fs::File::create(&log).expect("create a log file");
+        let stdout = match stdout {
+            StdoutTo::Pipe => Stdio::piped(),
+            StdoutTo::Log => Stdio::from(file.try_clone().expect("share the log file")),
+        };
         let child = command
             .stdin(Stdio::null())
-            .stdout(if stdout {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdout(stdout)
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
@@ -203,7 +212,7 @@ impl GoServer {
             .arg(format!("unix://{}", socket.display()))
             .args(["--svid", svid, "--listen", "127.0.0.1:0"])
             .args(authorizer.args("--allow-id", "--allow-member-of"));
-        let mut process = LoggedChild::spawn(command, dir, "gospiffe-server", true);
+        let mut process = LoggedChild::spawn(command, dir, "gospiffe-server", StdoutTo::Pipe);
         let line = process.first_line(Duration::from_secs(30)).await;
         let addr = line
             .strip_prefix("listening ")
@@ -236,4 +245,48 @@ pub async fn go_client(
         .await
         .expect("gospiffe-peer client finished within a minute")
         .expect("run gospiffe-peer client")
+}
+
+/// A ghostunnel process with `--use-workload-api-addr`: a server (TLS in,
+/// plain out) or a client (plain in, TLS out). It takes the first SVID the
+/// Workload API sends (go-spiffe's default).
+pub struct Ghostunnel {
+    pub process: LoggedChild,
+    pub listen: SocketAddr,
+}
+
+impl Ghostunnel {
+    /// `ghostunnel server`, letting in clients whose URI SAN is `allow_uri`.
+    pub async fn server(dir: &Path, socket: &Path, target: SocketAddr, allow_uri: &str) -> Self {
+        Self::start(dir, socket, "server", target, &["--allow-uri", allow_uri]).await
+    }
+
+    /// `ghostunnel client`, accepting a server whose URI SAN is `verify_uri`.
+    pub async fn client(dir: &Path, socket: &Path, target: SocketAddr, verify_uri: &str) -> Self {
+        Self::start(dir, socket, "client", target, &["--verify-uri", verify_uri]).await
+    }
+
+    async fn start(
+        dir: &Path,
+        socket: &Path,
+        mode: &str,
+        target: SocketAddr,
+        access: &[&str],
+    ) -> Self {
+        let listen = super::harness::free_addr();
+        let mut command = Command::new(ghostunnel());
+        command
+            .arg(mode)
+            .arg("--use-workload-api-addr")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--listen", &listen.to_string()])
+            .args(["--target", &target.to_string()])
+            .args(access);
+        let mut process =
+            LoggedChild::spawn(command, dir, &format!("ghostunnel-{mode}"), StdoutTo::Log);
+        process
+            .wait_log("listening for connections on", 1, Duration::from_secs(30))
+            .await;
+        Self { process, listen }
+    }
 }
