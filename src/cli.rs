@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::IdGrant;
-use crate::spiffe_id::TrustDomain;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -296,9 +296,17 @@ pub struct DevAgentArgs {
     pub ca_ttl: Duration,
 
     /// Also serve the CA certificates of a federated trust domain, read once
-    /// at start from a PEM file. Repeatable.
+    /// at start from a PEM file. Repeatable. Like SPIRE, the agent sends it
+    /// only to callers holding an ID that federates with that trust domain
+    /// (--federates-with), so each --federate needs one.
     #[arg(long = "federate", value_name = "TD=BUNDLE.pem", value_parser = crate::agent::parse_federate)]
     pub federate: Vec<(TrustDomain, PathBuf)>,
+
+    /// Callers holding SPIFFE_ID also get the federated bundle of TD (given
+    /// with --federate), as a SPIRE entry with -federatesWith spiffe://TD.
+    /// Repeatable.
+    #[arg(long = "federates-with", value_name = "SPIFFE_ID=TD", value_parser = crate::agent::parse_federates_with)]
+    pub federates_with: Vec<(SpiffeId, TrustDomain)>,
 
     /// Keep the CA in this directory (ca.pem, ca.key as PKCS#8 with mode
     /// 0600, next-ca.pem during a rotation) and reuse it on the next start,

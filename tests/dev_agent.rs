@@ -398,6 +398,10 @@ async fn federated_bundles_are_served() {
 
     let mut cfg = config(dir.path(), &["spiffe://example.org/web"]);
     cfg.federate = vec![(parse_trust_domain("partner.org").unwrap(), partner_pem)];
+    cfg.federates_with = vec![(
+        "spiffe://example.org/web".parse().unwrap(),
+        parse_trust_domain("partner.org").unwrap(),
+    )];
     let agent = DevAgent::start(cfg).await.unwrap();
     let mut client = client(agent.socket_path()).await;
 
@@ -434,6 +438,120 @@ async fn federated_bundles_are_served() {
     partner.shutdown().await;
 }
 
+/// As SPIRE: a federated bundle goes only to callers holding an ID whose
+/// entry federates with it (`-federatesWith`), not to every caller.
+#[tokio::test(flavor = "multi_thread")]
+async fn federated_bundles_go_only_to_callers_whose_ids_federate() {
+    let dir = tempfile::tempdir().unwrap();
+    let partner = DevAgent::start(DevAgentConfig::new(
+        dir.path().join("partner.sock"),
+        parse_trust_domain("partner.org").unwrap(),
+        vec![grant("spiffe://partner.org/db")],
+    ))
+    .await
+    .unwrap();
+    let partner_pem = dir.path().join("partner.pem");
+    std::fs::write(&partner_pem, partner.bundle_pem()).unwrap();
+    let me = my_uid();
+    let other = me.wrapping_add(1);
+
+    // We hold web; only the other uid's db federates with partner.org.
+    let mut cfg = config(
+        dir.path(),
+        &[
+            &format!("uid:{me}=spiffe://example.org/web"),
+            &format!("uid:{other}=spiffe://example.org/db"),
+        ],
+    );
+    cfg.federate = vec![(parse_trust_domain("partner.org").unwrap(), partner_pem)];
+    cfg.federates_with = vec![(
+        "spiffe://example.org/db".parse().unwrap(),
+        parse_trust_domain("partner.org").unwrap(),
+    )];
+    let agent = DevAgent::start(cfg.clone()).await.unwrap();
+    let mut api = client(agent.socket_path()).await;
+    let response = next(&mut x509_stream(&mut api).await, Duration::from_secs(5)).await;
+    assert_eq!(response.svids.len(), 1);
+    assert!(
+        response.federated_bundles.is_empty(),
+        "a caller whose IDs do not federate got {:?}",
+        response.federated_bundles.keys().collect::<Vec<_>>()
+    );
+    let mut bundles = api
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let keys: Vec<String> = next(&mut bundles, Duration::from_secs(5))
+        .await
+        .bundles
+        .into_keys()
+        .collect();
+    assert_eq!(keys, ["spiffe://example.org"]);
+    agent.shutdown().await;
+
+    // Once our web federates too, we get it.
+    cfg.federates_with.push((
+        "spiffe://example.org/web".parse().unwrap(),
+        parse_trust_domain("partner.org").unwrap(),
+    ));
+    let agent = DevAgent::start(cfg).await.unwrap();
+    let mut api = client(agent.socket_path()).await;
+    let response = next(&mut x509_stream(&mut api).await, Duration::from_secs(5)).await;
+    assert_eq!(
+        response.federated_bundles.keys().collect::<Vec<_>>(),
+        ["spiffe://partner.org"]
+    );
+    agent.shutdown().await;
+    partner.shutdown().await;
+}
+
+/// As SPIRE with two entries of one SPIFFE ID that both match the caller
+/// (one by uid, one for everyone): two SVIDs, one ID, each its own key.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_grants_of_one_id_give_two_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = my_uid();
+    let agent = DevAgent::start(config(
+        dir.path(),
+        &[
+            &format!("uid:{me}=spiffe://example.org/web"),
+            "spiffe://example.org/web",
+        ],
+    ))
+    .await
+    .unwrap();
+    let mut client = client(agent.socket_path()).await;
+    let response = next(&mut x509_stream(&mut client).await, Duration::from_secs(5)).await;
+    let ids: Vec<&str> = response
+        .svids
+        .iter()
+        .map(|s| s.spiffe_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/web", "spiffe://example.org/web"]
+    );
+    let serial = |i: usize| serial_of(&split_der(&response.svids[i].x509_svid)[0]);
+    assert_ne!(serial(0), serial(1));
+    assert_ne!(
+        response.svids[0].x509_svid_key,
+        response.svids[1].x509_svid_key
+    );
+    assert_eq!(agent.current_serials().len(), 2);
+    agent.shutdown().await;
+
+    // The very same grant twice is refused, as SPIRE refuses a duplicate
+    // entry.
+    let err = DevAgent::start(config(
+        dir.path(),
+        &["spiffe://example.org/web", "spiffe://example.org/web"],
+    ))
+    .await
+    .unwrap_err();
+    assert!(err.is_usage(), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_federated_bundle_files_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -441,6 +559,10 @@ async fn bad_federated_bundle_files_are_usage_errors() {
     cfg.federate = vec![(
         parse_trust_domain("partner.org").unwrap(),
         dir.path().join("missing.pem"),
+    )];
+    cfg.federates_with = vec![(
+        "spiffe://example.org/web".parse().unwrap(),
+        parse_trust_domain("partner.org").unwrap(),
     )];
     let err = DevAgent::start(cfg.clone()).await.unwrap_err();
     assert!(matches!(err, AgentError::FederateRead { .. }), "{err}");
@@ -679,6 +801,7 @@ fn help_explains_what_it_is_for() {
         "--ttl",
         "--ca-ttl",
         "--federate",
+        "--federates-with",
         "--ca-dir",
         "Example",
     ] {
@@ -733,6 +856,31 @@ fn bad_arguments_exit_2() {
             "partner.org=/nonexistent/bundle.pem",
         ],
         vec!["--trust-domain", "example.org"],
+        // A federated bundle nobody's ID federates with.
+        vec![
+            "--trust-domain",
+            "example.org",
+            "--id",
+            "spiffe://example.org/a",
+            "--federate",
+            "partner.org=/etc/hostname",
+        ],
+        vec![
+            "--trust-domain",
+            "example.org",
+            "--id",
+            "spiffe://example.org/a",
+            "--federates-with",
+            "spiffe://example.org/a=partner.org",
+        ],
+        vec![
+            "--trust-domain",
+            "example.org",
+            "--id",
+            "spiffe://example.org/a",
+            "--id",
+            "spiffe://example.org/a",
+        ],
     ]
     .into_iter()
     .map(|v| v.into_iter().map(String::from).collect())

@@ -6,12 +6,15 @@
 //	gospiffe-peer server --socket ADDR --listen HOST:PORT (--allow-id ID | --allow-member-of TD)
 //	gospiffe-peer client --socket ADDR --connect HOST:PORT (--expect-id ID | --expect-member-of TD) --message TEXT
 //	gospiffe-peer verify --bundle TD=FILE [--bundle ...] CHAIN.pem
+//	gospiffe-peer fetch --socket ADDR [--rpc x509svid|x509bundles] [--no-header]
 //
 // server and client take their X509-SVIDs and bundles from the Workload API
 // at --socket (workloadapi.NewX509Source) and use spiffetls with the chosen
 // tlsconfig authorizer. verify is x509svid.Verify with the same shape as
 // `spiffe-tunnel verify`: it prints the SPIFFE ID and exits 0, or prints
-// "invalid: REASON" and exits 1; usage errors exit 2.
+// "invalid: REASON" and exits 1; usage errors exit 2. fetch is one raw gRPC
+// call, its first answer (a status or the message's shape) printed as JSON:
+// what a caller of some uid gets, for the conformance tests.
 package main
 
 import (
@@ -47,13 +50,15 @@ func main() {
 		os.Exit(runClient(args))
 	case "verify":
 		os.Exit(runVerify(args))
+	case "fetch":
+		os.Exit(runFetch(args))
 	default:
 		usage()
 	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: gospiffe-peer server|client|verify [flags] (see the package comment)")
+	fmt.Fprintln(os.Stderr, "usage: gospiffe-peer server|client|verify|fetch [flags] (see the package comment)")
 	os.Exit(exitUsage)
 }
 
