@@ -7,11 +7,10 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::harness::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use common::traffic::{traffic_until, Pinger};
 
 const WEB: &str = "spiffe://example.org/web";
 const API: &str = "spiffe://example.org/api";
@@ -109,58 +108,6 @@ fn serials(daemon: &Daemon, id: &str) -> Vec<String> {
         }
     }
     seen
-}
-
-/// A connection kept open that echoes a ping on demand.
-struct Pinger(TcpStream, u32);
-
-impl Pinger {
-    async fn open(addr: SocketAddr) -> Self {
-        let mut p = Pinger(TcpStream::connect(addr).await.unwrap(), 0);
-        p.ping().await.expect("first ping");
-        p
-    }
-
-    async fn ping(&mut self) -> std::io::Result<()> {
-        self.1 += 1;
-        let msg = format!("ping {:08}", self.1);
-        self.0.write_all(msg.as_bytes()).await?;
-        let mut buf = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), self.0.read_exact(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo"))??;
-        assert_eq!(buf, msg.as_bytes());
-        Ok(())
-    }
-}
-
-/// Runs new connections back to back (and pings the long-lived one) until
-/// `done` holds; returns (connections, failures).
-async fn traffic_until(
-    addr: SocketAddr,
-    pinger: &mut Pinger,
-    deadline: Duration,
-    mut done: impl FnMut() -> bool,
-) -> (usize, Vec<String>) {
-    let start = Instant::now();
-    let mut count = 0;
-    let mut failures = Vec::new();
-    while !done() {
-        assert!(start.elapsed() < deadline, "condition not reached within {deadline:?} ({count} connections, failures {failures:?})");
-        let msg = format!("conn {count}");
-        match roundtrip(addr, msg.as_bytes()).await {
-            Ok(answer) if answer == msg.as_bytes() => {}
-            Ok(answer) => {
-                failures.push(format!("{msg}: got {:?}", String::from_utf8_lossy(&answer)))
-            }
-            Err(e) => failures.push(format!("{msg}: {e}")),
-        }
-        if let Err(e) = pinger.ping().await {
-            failures.push(format!("long-lived connection: {e}"));
-        }
-        count += 1;
-    }
-    (count, failures)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,10 +64,31 @@ impl Daemon {
     }
 
     pub fn spawn(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn_as(args, dir, env, None)
+    }
+
+    /// `spiffe-tunnel run -c config` under another uid (and gid), so a
+    /// Workload API server attests it as another workload. `config` and
+    /// its folder must be readable by that uid.
+    pub fn run_as(config: &Path, uid: u32) -> Self {
+        Self::spawn_as(
+            &["run", "-c", config.to_str().unwrap()],
+            config.parent().unwrap(),
+            &[],
+            Some(uid),
+        )
+    }
+
+    pub fn spawn_as(args: &[&str], dir: &Path, env: &[(&str, &str)], uid: Option<u32>) -> Self {
+        use std::os::unix::process::CommandExt;
         static N: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
         let file = std::fs::File::create(&log).expect("create log file");
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let child = command
             .args(args)
             .env("RUST_LOG", "spiffe_tunnel=debug,info")
             .envs(env.iter().copied())

@@ -8,5 +8,8 @@ pub mod netns;
 pub mod peers;
 pub mod pp2;
 pub mod probe;
+pub mod spire;
 pub mod svid_cases;
 pub mod targets;
+pub mod traffic;
+pub mod workload_tunnel;
