@@ -80,6 +80,25 @@ pub enum Command {
     /// Point clients at it with --socket or SPIFFE_ENDPOINT_SOCKET. Stop it
     /// with Ctrl-C or SIGTERM; the socket file is removed on exit.
     ///
+    /// Like SPIRE (tests/conformance.rs checks both): each --id is one SVID,
+    /// as a registration entry is, so a caller matched by two --id of one
+    /// SPIFFE ID gets two SVIDs with that ID; a federated bundle goes only to
+    /// callers holding an ID that federates with it (--federates-with, as
+    /// -federatesWith); PermissionDenied "no identity issued" and
+    /// InvalidArgument for a missing security header, with SPIRE's messages.
+    ///
+    /// Where it differs from SPIRE:
+    ///   - SVID order: command-line order, so the first --id a caller may
+    ///     have is its default; SPIRE orders by entry ID (random), so pick an
+    ///     SVID by ID (svid = ...) and not by position.
+    ///   - Renewal: at half the life from issue (--ttl / 2), so TTLs of a
+    ///     second or two work; SPIRE renews once less than half of
+    ///     NotBefore..NotAfter is left, with NotBefore 10 s in the past,
+    ///     that is (TTL - 10 s) / 2 after issue.
+    ///   - CA rotation runs by itself on --ca-ttl (next CA at 1/2, signing at
+    ///     3/4); SPIRE's is driven by its ca_ttl or `localauthority x509`.
+    ///   - No hints, no JWT-SVIDs, callers told apart by uid only.
+    ///
     /// Example:
     ///   spiffe-tunnel dev-agent --socket /tmp/dev-agent/api.sock \
     ///     --trust-domain example.org \
@@ -276,11 +295,12 @@ pub struct DevAgentArgs {
     #[arg(long, value_name = "TD", value_parser = crate::spiffe_id::parse_trust_domain)]
     pub trust_domain: TrustDomain,
 
-    /// A SPIFFE ID to issue, in the trust domain. Repeat for more; the first
-    /// is every caller's default SVID. Prefix uid:N= to give the ID only to
-    /// callers running as unix uid N (e.g. uid:1000=spiffe://example.org/api);
-    /// IDs without a prefix go to every caller. A caller entitled to no ID
-    /// gets PermissionDenied "no identity issued".
+    /// A SPIFFE ID to issue, in the trust domain: one SVID per --id, like
+    /// one SPIRE entry. Repeat for more; the first a caller may have is its
+    /// default SVID. Prefix uid:N= to give the ID only to callers running as
+    /// unix uid N (e.g. uid:1000=spiffe://example.org/api); IDs without a
+    /// prefix go to every caller. A caller entitled to no ID gets
+    /// PermissionDenied "no identity issued". The same --id twice is refused.
     #[arg(long = "id", value_name = "[uid:N=]SPIFFE_ID", required = true)]
     pub ids: Vec<IdGrant>,
 

@@ -803,6 +803,8 @@ fn help_explains_what_it_is_for() {
         "--federate",
         "--federates-with",
         "--ca-dir",
+        "Where it differs from SPIRE",
+        "SVID order",
         "Example",
     ] {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod api_under_test;
 pub mod certs;
 pub mod fake_api;
 pub mod haproxy;
