@@ -1,7 +1,7 @@
 //! One conformance suite for what a Workload API client sees, run against
 //! both the dev agent and a real SPIRE (v1.13.3) with the same test bodies
-//! (`conformance!` instantiates each body once per server, in the modules
-//! `dev_agent` and `spire`). Setup and the two servers are in
+//! (`against_both_servers!` instantiates each body once per server, in the
+//! modules `dev_agent` and `spire`). Setup and the two servers are in
 //! `common/api_under_test.rs`.
 //!
 //! Covered: the response shape (fields, hint, chains and bundles as
@@ -39,29 +39,7 @@ const WEB: &str = "spiffe://example.org/web";
 const API: &str = "spiffe://example.org/api";
 const TD_ID: &str = "spiffe://example.org";
 
-/// Runs each body against the dev agent and against SPIRE.
-macro_rules! conformance {
-    ($($body:ident),* $(,)?) => {
-        mod dev_agent {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $body() {
-                    super::$body(super::Kind::DevAgent).await;
-                }
-            )*
-        }
-        mod spire {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $body() {
-                    super::$body(super::Kind::Spire).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+against_both_servers!(
     response_shape,
     security_header,
     permission_denied_without_a_registration,

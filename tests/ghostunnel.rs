@@ -7,19 +7,19 @@
 //! * each side refusing the other by policy, with the refusal visible on
 //!   both sides.
 //!
-//! ghostunnel presents the first SVID the Workload API sends, so it gets an
-//! agent of its own that issues its identity first; the agents share one CA
-//! through `--ca-dir`, as two nodes of one trust domain do.
+//! Against the dev agent and against real SPIRE, the same body. ghostunnel
+//! presents the first SVID the Workload API sends, so each ghostunnel runs
+//! as a uid of its own with one registration; spiffe-tunnel (uid 0) holds
+//! both IDs and picks with `svid =`.
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
+use common::api_under_test::{ApiUnderTest, Kind, Registration, Setup};
 use common::harness::*;
 use common::peers::Ghostunnel;
-use spiffe_tunnel::agent::{DevAgent, DevAgentConfig};
-use spiffe_tunnel::spiffe_id::parse_trust_domain;
+use common::spire::OTHER_UID;
 
 /// spiffe-tunnel's outbound and ghostunnel's client.
 const WEB: &str = "spiffe://example.org/web";
@@ -28,17 +28,12 @@ const API: &str = "spiffe://example.org/api";
 /// An ID no one holds: what a refusing side allows instead of its peer.
 const DB: &str = "spiffe://example.org/db";
 
-/// A dev agent issuing `ids` (the first is the default) from the CA in
-/// `dir/ca`.
-async fn agent(dir: &Path, socket: &str, ids: &[&str]) -> DevAgent {
-    let mut config = DevAgentConfig::new(
-        dir.join(socket),
-        parse_trust_domain("example.org").unwrap(),
-        ids.iter().map(|id| id.parse().unwrap()).collect(),
-    );
-    config.ca_dir = Some(dir.join("ca"));
-    DevAgent::start(config).await.expect("start a dev agent")
-}
+/// ghostunnel's servers run as this uid, holding API only.
+const SERVER_UID: u32 = OTHER_UID + 20;
+/// ghostunnel's clients run as this uid, holding WEB only.
+const CLIENT_UID: u32 = OTHER_UID + 21;
+
+against_both_servers!(ghostunnel_on_either_side_of_spiffe_tunnel);
 
 fn has_line(log: &str, needles: &[&str]) -> bool {
     log.lines().any(|l| needles.iter().all(|n| l.contains(n)))
@@ -78,30 +73,38 @@ async fn wait_line(what: &str, log: impl Fn() -> String, needles: &[&str]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ghostunnel_on_either_side_of_spiffe_tunnel() {
+async fn ghostunnel_on_either_side_of_spiffe_tunnel(kind: Kind) {
     let dir = tempfile::tempdir().unwrap();
-    // Both IDs from one agent for spiffe-tunnel (it picks by `svid =`) and
-    // ghostunnel's servers (API first); WEB first for ghostunnel's clients.
-    let api_first = agent(dir.path(), "api.sock", &[API, WEB]).await;
-    let web_only = agent(dir.path(), "web.sock", &[WEB]).await;
+    let api = ApiUnderTest::start(
+        kind,
+        Setup {
+            registrations: vec![
+                Registration::uid(WEB, 0),
+                Registration::uid(API, 0),
+                Registration::uid(API, SERVER_UID),
+                Registration::uid(WEB, CLIENT_UID),
+            ],
+            ..Setup::default()
+        },
+    )
+    .await;
+    let socket = api.address();
     let target = Target::start(TargetMode::Echo).await;
 
-    let server = Ghostunnel::server(dir.path(), api_first.socket_path(), target.addr, WEB).await;
+    let server = Ghostunnel::server(dir.path(), &socket, SERVER_UID, target.addr, WEB).await;
     let mut refusing_server =
-        Ghostunnel::server(dir.path(), api_first.socket_path(), target.addr, DB).await;
+        Ghostunnel::server(dir.path(), &socket, SERVER_UID, target.addr, DB).await;
 
     let inbound = free_addr();
     let refusing_inbound = free_addr();
     let outbound = free_addr();
     let to_refusing_server = free_addr();
     let config = format!(
-        "[identity]\nsource = \"workload_api\"\nsocket = \"unix://{socket}\"\nstartup_timeout = \"20s\"\n\
+        "[identity]\nsource = \"workload_api\"\nsocket = \"{socket}\"\nstartup_timeout = \"20s\"\n\
          [[inbound]]\nname = \"from-ghostunnel\"\nlisten = \"{inbound}\"\ntarget = \"{target}\"\nsvid = \"{API}\"\nallow = [\"{WEB}\"]\n\
          [[inbound]]\nname = \"tunnel-refuses\"\nlisten = \"{refusing_inbound}\"\ntarget = \"{target}\"\nsvid = \"{API}\"\nallow = [\"{DB}\"]\n\
          [[outbound]]\nname = \"to-ghostunnel\"\nlisten = \"{outbound}\"\nupstreams = [\"{server}\"]\nsvid = \"{WEB}\"\nallow = [\"{API}\"]\n\
          [[outbound]]\nname = \"ghostunnel-refuses\"\nlisten = \"{to_refusing_server}\"\nupstreams = [\"{refusing}\"]\nsvid = \"{WEB}\"\nallow = [\"{API}\"]\n",
-        socket = api_first.socket_path().display(),
         target = target.addr,
         server = server.listen,
         refusing = refusing_server.listen,
@@ -111,9 +114,9 @@ async fn ghostunnel_on_either_side_of_spiffe_tunnel() {
     let tunnel = Daemon::run(&path);
     tunnel.wait_running().await;
 
-    let client = Ghostunnel::client(dir.path(), web_only.socket_path(), inbound, API).await;
+    let client = Ghostunnel::client(dir.path(), &socket, CLIENT_UID, inbound, API).await;
     let mut client_refused =
-        Ghostunnel::client(dir.path(), web_only.socket_path(), refusing_inbound, API).await;
+        Ghostunnel::client(dir.path(), &socket, CLIENT_UID, refusing_inbound, API).await;
 
     // Both directions carry data.
     let (through_server, through_client) = tokio::join!(
@@ -172,6 +175,4 @@ async fn ghostunnel_on_either_side_of_spiffe_tunnel() {
     assert_eq!(target.accepts(), 2, "a refused peer reached the target");
 
     drop((client, client_refused, server, refusing_server, tunnel));
-    api_first.shutdown().await;
-    web_only.shutdown().await;
 }

@@ -7,7 +7,9 @@
 //!   X509-SVID rule that decides each;
 //! * spiffe-tunnel's outbound against a go-spiffe `spiffetls` server, and a
 //!   go-spiffe client against spiffe-tunnel's inbound, both fed by the same
-//!   Workload API, with each side's authorizer refusing a peer in turn.
+//!   Workload API, with each side's authorizer refusing a peer in turn:
+//!   against the dev agent and against real SPIRE (`dev_agent::*`,
+//!   `spire::*`), the same bodies.
 
 mod common;
 
@@ -15,11 +17,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::api_under_test::{ApiUnderTest, Kind, Registration, Setup};
 use common::harness::*;
 use common::peers::{go_client, gospiffe_peer, GoAuthorizer, GoServer};
 use common::svid_cases::{self, Spec, SvidCase};
-use spiffe_tunnel::agent::{DevAgent, DevAgentConfig};
-use spiffe_tunnel::spiffe_id::parse_trust_domain;
 
 // ---------------------------------------------------------------------------
 // The verifiers side by side
@@ -232,16 +233,23 @@ const API: &str = "spiffe://example.org/api";
 /// An ID no one holds: what a refusing side allows instead of its peer.
 const DB: &str = "spiffe://example.org/db";
 
-/// The Workload API both sides take their SVIDs from: every caller gets
-/// WEB and API, and each side picks its own (`svid =`, `--svid`).
-async fn dev_agent(dir: &Path) -> DevAgent {
-    DevAgent::start(DevAgentConfig::new(
-        dir.join("agent.sock"),
-        parse_trust_domain("example.org").unwrap(),
-        vec![WEB.parse().unwrap(), API.parse().unwrap()],
-    ))
+against_both_servers!(
+    tunnel_outbound_to_go_spiffe_servers,
+    go_spiffe_clients_to_tunnel_inbound
+);
+
+/// The Workload API both sides take their SVIDs from: this process's uid
+/// (both sides run as it) gets WEB and API, and each side picks its own
+/// (`svid =`, `--svid`).
+async fn workload_api(kind: Kind) -> ApiUnderTest {
+    ApiUnderTest::start(
+        kind,
+        Setup {
+            registrations: vec![Registration::uid(WEB, 0), Registration::uid(API, 0)],
+            ..Setup::default()
+        },
+    )
     .await
-    .expect("start the dev agent")
 }
 
 fn identity_section(socket: &Path) -> String {
@@ -271,11 +279,10 @@ async fn wait_line(daemon: &Daemon, needles: &[&str]) {
 
 /// spiffe-tunnel's outbound (as WEB) to go-spiffe servers (as API): one
 /// tunnel per case, all in one process.
-#[tokio::test(flavor = "multi_thread")]
-async fn tunnel_outbound_to_go_spiffe_servers() {
+async fn tunnel_outbound_to_go_spiffe_servers(kind: Kind) {
     let dir = tempfile::tempdir().unwrap();
-    let agent = dev_agent(dir.path()).await;
-    let socket = agent.socket_path();
+    let agent = workload_api(kind).await;
+    let socket = agent.socket();
     let mut by_id = GoServer::start(dir.path(), socket, API, &GoAuthorizer::Id(WEB.into())).await;
     let by_domain = GoServer::start(
         dir.path(),
@@ -351,15 +358,14 @@ async fn tunnel_outbound_to_go_spiffe_servers() {
         .process
         .wait_log("refused: remote error: tls:", 1, Duration::from_secs(10))
         .await;
-    agent.shutdown().await;
+    drop(agent);
 }
 
 /// go-spiffe clients (as WEB) to spiffe-tunnel's inbound (as API).
-#[tokio::test(flavor = "multi_thread")]
-async fn go_spiffe_clients_to_tunnel_inbound() {
+async fn go_spiffe_clients_to_tunnel_inbound(kind: Kind) {
     let dir = tempfile::tempdir().unwrap();
-    let agent = dev_agent(dir.path()).await;
-    let socket = agent.socket_path();
+    let agent = workload_api(kind).await;
+    let socket = agent.socket();
     let target = Target::start(TargetMode::Echo).await;
     let allowing = free_addr();
     let refusing = free_addr();
@@ -435,7 +441,7 @@ async fn go_spiffe_clients_to_tunnel_inbound() {
     let stderr = String::from_utf8_lossy(&tunnel_refuses.stderr);
     assert!(stderr.contains("remote error: tls:"), "{stderr}");
     assert_eq!(target.accepts(), 2, "a refused client reached the target");
-    agent.shutdown().await;
+    drop(agent);
 }
 
 /// Awaits every future, in order.

@@ -33,6 +33,30 @@ use super::spire::{tokio_command_as, AgentConfig, ServerConfig, Spire};
 
 pub const TD: &str = "example.org";
 
+/// Instantiates each `async fn NAME(kind: Kind)` body once per server, as
+/// `dev_agent::NAME` and `spire::NAME`.
+#[macro_export]
+macro_rules! against_both_servers {
+    ($($body:ident),* $(,)?) => {
+        mod dev_agent {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $body() {
+                    super::$body($crate::common::api_under_test::Kind::DevAgent).await;
+                }
+            )*
+        }
+        mod spire {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $body() {
+                    super::$body($crate::common::api_under_test::Kind::Spire).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

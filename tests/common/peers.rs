@@ -249,36 +249,67 @@ pub async fn go_client(
 
 /// A ghostunnel process with `--use-workload-api-addr`: a server (TLS in,
 /// plain out) or a client (plain in, TLS out). It takes the first SVID the
-/// Workload API sends (go-spiffe's default).
+/// Workload API sends (go-spiffe's default), so it runs as a uid of its own
+/// with one registration.
 pub struct Ghostunnel {
     pub process: LoggedChild,
     pub listen: SocketAddr,
 }
 
 impl Ghostunnel {
-    /// `ghostunnel server`, letting in clients whose URI SAN is `allow_uri`.
-    pub async fn server(dir: &Path, socket: &Path, target: SocketAddr, allow_uri: &str) -> Self {
-        Self::start(dir, socket, "server", target, &["--allow-uri", allow_uri]).await
+    /// `ghostunnel server` as `uid`, letting in clients whose URI SAN is
+    /// `allow_uri`.
+    pub async fn server(
+        dir: &Path,
+        socket: &str,
+        uid: u32,
+        target: SocketAddr,
+        allow_uri: &str,
+    ) -> Self {
+        Self::start(
+            dir,
+            socket,
+            uid,
+            "server",
+            target,
+            &["--allow-uri", allow_uri],
+        )
+        .await
     }
 
-    /// `ghostunnel client`, accepting a server whose URI SAN is `verify_uri`.
-    pub async fn client(dir: &Path, socket: &Path, target: SocketAddr, verify_uri: &str) -> Self {
-        Self::start(dir, socket, "client", target, &["--verify-uri", verify_uri]).await
+    /// `ghostunnel client` as `uid`, accepting a server whose URI SAN is
+    /// `verify_uri`.
+    pub async fn client(
+        dir: &Path,
+        socket: &str,
+        uid: u32,
+        target: SocketAddr,
+        verify_uri: &str,
+    ) -> Self {
+        Self::start(
+            dir,
+            socket,
+            uid,
+            "client",
+            target,
+            &["--verify-uri", verify_uri],
+        )
+        .await
     }
 
     async fn start(
         dir: &Path,
-        socket: &Path,
+        socket: &str,
+        uid: u32,
         mode: &str,
         target: SocketAddr,
         access: &[&str],
     ) -> Self {
         let listen = super::harness::free_addr();
-        let mut command = Command::new(ghostunnel());
+        let mut command = super::spire::command_as(ghostunnel(), uid);
         command
             .arg(mode)
-            .arg("--use-workload-api-addr")
-            .arg(format!("unix://{}", socket.display()))
+            .args(["--use-workload-api-addr", socket])
             .args(["--listen", &listen.to_string()])
             .args(["--target", &target.to_string()])
             .args(access);
