@@ -29,7 +29,7 @@ fn built_program(env: &str, fallback: PathBuf, error_file: PathBuf, what: &str) 
     let why = std::fs::read_to_string(&error_file)
         .ok()
         .and_then(|text| text.lines().last().map(str::to_string))
-        .unwrap_or_else(|| format!("{what} is not built; scripts/test builds it"));
+        .unwrap_or_else(|| "scripts/test builds it, and recorded no build error".into());
     panic!("{what} is missing at {} ({env}): {why}", path.display());
 }
 
