@@ -21,19 +21,18 @@ use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use common::api_under_test::{
-    fetch_as, next, ApiUnderTest, Caller, Kind, Registration, Setup, WorkloadClient, TD,
+    bundle_set, fetch_as, next, signed_by, split_der, ApiUnderTest, Caller, Kind, Registration,
+    Setup, WorkloadClient,
 };
 use common::certs::Ca;
 use common::spire::OTHER_UID;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
 use spiffe_tunnel::identity::x509svid::{check_leaf, check_signer};
-use spiffe_tunnel::identity::{BundleSet, Svid, TrustBundle};
+use spiffe_tunnel::identity::Svid;
 use spiffe_tunnel::proto::{X509BundlesRequest, X509svidRequest, SECURITY_HEADER};
-use spiffe_tunnel::spiffe_id::parse_trust_domain;
 use spiffe_tunnel::tls::verify::{to_unix_time, verify_svid_chain, PeerRole};
 use tonic::Code;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 const WEB: &str = "spiffe://example.org/web";
 const API: &str = "spiffe://example.org/api";
@@ -49,33 +48,16 @@ against_both_servers!(
     federated_bundles_only_for_registrations_that_federate,
 );
 
-/// Splits concatenated DER certificates; panics on anything else.
-fn split_der(mut bytes: &[u8]) -> Vec<CertificateDer<'static>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let (rest, _) = X509Certificate::from_der(bytes).expect("concatenated DER certificates");
-        out.push(CertificateDer::from(
-            bytes[..bytes.len() - rest.len()].to_vec(),
-        ));
-        bytes = rest;
-    }
-    out
-}
-
-fn bundle_set(certs: Vec<CertificateDer<'static>>) -> BundleSet {
-    let mut set = BundleSet::new();
-    set.insert(TrustBundle::new(parse_trust_domain(TD).unwrap(), certs).unwrap());
-    set
-}
-
-fn signed_by(leaf: &CertificateDer<'static>, ca: &CertificateDer<'static>) -> bool {
-    verify_svid_chain(
-        std::slice::from_ref(leaf),
-        &bundle_set(vec![ca.clone()]),
-        to_unix_time(SystemTime::now()),
-        PeerRole::Any,
+/// The server with these registrations and nothing else.
+async fn serving(kind: Kind, registrations: Vec<Registration>) -> ApiUnderTest {
+    ApiUnderTest::start(
+        kind,
+        Setup {
+            registrations,
+            ..Setup::default()
+        },
     )
-    .is_ok()
+    .await
 }
 
 /// The sorted SPIFFE IDs of a `fetch` answer.
@@ -110,12 +92,9 @@ fn keys(map: &Value) -> Vec<String> {
 /// empty without one in the registration, and the bundles stream holds our
 /// trust domain's bundle under `spiffe://example.org`, the same bytes.
 async fn response_shape(kind: Kind) {
-    let api = ApiUnderTest::start(
+    let api = serving(
         kind,
-        Setup {
-            registrations: vec![Registration::uid(WEB, 0), Registration::uid(API, 0)],
-            ..Setup::default()
-        },
+        vec![Registration::uid(WEB, 0), Registration::uid(API, 0)],
     )
     .await;
     let mut client = WorkloadClient::connect(api.socket()).await;
@@ -184,14 +163,7 @@ async fn response_shape(kind: Kind) {
 /// Without `workload.spiffe.io: true`, or with another value, both X.509
 /// RPCs fail with InvalidArgument and SPIRE's message.
 async fn security_header(kind: Kind) {
-    let api = ApiUnderTest::start(
-        kind,
-        Setup {
-            registrations: vec![Registration::uid(WEB, 0)],
-            ..Setup::default()
-        },
-    )
-    .await;
+    let api = serving(kind, vec![Registration::uid(WEB, 0)]).await;
     let mut client = WorkloadClient::connect(api.socket()).await;
     let status = client
         .0
@@ -219,14 +191,7 @@ async fn security_header(kind: Kind) {
 /// issued", for its bundles too (SPIRE's default, without
 /// `allow_unauthenticated_verifiers`); a registered one is served.
 async fn permission_denied_without_a_registration(kind: Kind) {
-    let api = ApiUnderTest::start(
-        kind,
-        Setup {
-            registrations: vec![Registration::uid(WEB, 0)],
-            ..Setup::default()
-        },
-    )
-    .await;
+    let api = serving(kind, vec![Registration::uid(WEB, 0)]).await;
     let stranger = OTHER_UID + 7;
     for rpc in ["x509svid", "x509bundles"] {
         let answer = fetch_as(&api, stranger, rpc).await;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::api_under_test::{ApiUnderTest, Kind, Registration, Setup};
 use common::harness::*;
-use common::peers::Ghostunnel;
+use common::peers::{wait_line, Ghostunnel};
 use common::spire::OTHER_UID;
 
 /// spiffe-tunnel's outbound and ghostunnel's client.
@@ -34,10 +34,6 @@ const SERVER_UID: u32 = OTHER_UID + 20;
 const CLIENT_UID: u32 = OTHER_UID + 21;
 
 against_both_servers!(ghostunnel_on_either_side_of_spiffe_tunnel);
-
-fn has_line(log: &str, needles: &[&str]) -> bool {
-    log.lines().any(|l| needles.iter().all(|n| l.contains(n)))
-}
 
 /// Sends `msg` and reads as many bytes back, without half-closing first:
 /// ghostunnel v1.8.4 closes both directions when one ends (its copy loop
@@ -59,18 +55,6 @@ async fn exchange(addr: std::net::SocketAddr, msg: &[u8]) -> std::io::Result<Vec
     }
     answer.truncate(got);
     Ok(answer)
-}
-
-async fn wait_line(what: &str, log: impl Fn() -> String, needles: &[&str]) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !has_line(&log(), needles) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no line with {needles:?} in the {what} log:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn ghostunnel_on_either_side_of_spiffe_tunnel(kind: Kind) {

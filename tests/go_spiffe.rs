@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::api_under_test::{ApiUnderTest, Kind, Registration, Setup};
 use common::harness::*;
-use common::peers::{go_client, gospiffe_peer, GoAuthorizer, GoServer};
+use common::peers::{go_client, gospiffe_peer, wait_line, GoAuthorizer, GoServer};
 use common::svid_cases::{self, Spec, SvidCase};
 
 // ---------------------------------------------------------------------------
@@ -259,22 +259,8 @@ fn identity_section(socket: &Path) -> String {
     )
 }
 
-/// Whether one line of `log` holds every needle.
-fn has_line(log: &str, needles: &[&str]) -> bool {
-    log.lines().any(|l| needles.iter().all(|n| l.contains(n)))
-}
-
-async fn wait_line(daemon: &Daemon, needles: &[&str]) {
-    let log_of = || daemon.log();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !has_line(&log_of(), needles) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no line with {needles:?} in the tunnel's log:\n{}",
-            log_of()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_tunnel_line(daemon: &Daemon, needles: &[&str]) {
+    wait_line("tunnel", || daemon.log(), needles).await;
 }
 
 /// spiffe-tunnel's outbound (as WEB) to go-spiffe servers (as API): one
@@ -314,7 +300,7 @@ async fn tunnel_outbound_to_go_spiffe_servers(kind: Kind) {
     let tunnel = Daemon::run(&path);
     tunnel.wait_running().await;
 
-    let answers = futures_join(listen.iter().map(|&addr| roundtrip(addr, b"ping\n"))).await;
+    let answers = await_in_order(listen.iter().map(|&addr| roundtrip(addr, b"ping\n"))).await;
     let expected = format!("go-spiffe {API} to {WEB}: ping\n");
     for (i, name) in ["authorize-id", "authorize-member-of"].iter().enumerate() {
         let answer = answers[i]
@@ -342,10 +328,10 @@ async fn tunnel_outbound_to_go_spiffe_servers(kind: Kind) {
             Duration::from_secs(10),
         )
         .await;
-    wait_line(&tunnel, &["tunnel=go-refuses", "upstream refused our SVID"]).await;
+    wait_tunnel_line(&tunnel, &["tunnel=go-refuses", "upstream refused our SVID"]).await;
     // spiffe-tunnel's policy refuses API; the go-spiffe server sees the
     // handshake fail with our alert.
-    wait_line(
+    wait_tunnel_line(
         &tunnel,
         &[
             "tunnel=tunnel-refuses",
@@ -424,12 +410,12 @@ async fn go_spiffe_clients_to_tunnel_inbound(kind: Kind) {
         stderr.contains(&format!("unexpected ID \"{API}\"")),
         "{stderr}"
     );
-    wait_line(&tunnel, &["tunnel=allows-web", "connection refused"]).await;
+    wait_tunnel_line(&tunnel, &["tunnel=allows-web", "connection refused"]).await;
 
     // spiffe-tunnel's policy refuses WEB: logged with the reason, and the
     // go-spiffe client fails on our alert.
     assert_eq!(tunnel_refuses.status.code(), Some(1), "{tunnel_refuses:?}");
-    wait_line(
+    wait_tunnel_line(
         &tunnel,
         &[
             "tunnel=tunnel-refuses",
@@ -445,7 +431,9 @@ async fn go_spiffe_clients_to_tunnel_inbound(kind: Kind) {
 }
 
 /// Awaits every future, in order.
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+async fn await_in_order<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
     let handles: Vec<_> = futures.collect();
     let mut out = Vec::with_capacity(handles.len());
     for f in handles {

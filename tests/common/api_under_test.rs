@@ -18,15 +18,19 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 use spiffe_tunnel::agent::{DevAgent, DevAgentConfig, IdGrant};
+use spiffe_tunnel::identity::{BundleSet, TrustBundle};
 use spiffe_tunnel::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use spiffe_tunnel::proto::{
     X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse, SECURITY_HEADER,
 };
 use spiffe_tunnel::spiffe_id::parse_trust_domain;
+use spiffe_tunnel::tls::verify::{to_unix_time, verify_svid_chain, PeerRole};
 use tonic::transport::Channel;
 use tonic::Streaming;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::peers::gospiffe_peer;
 use super::spire::{tokio_command_as, AgentConfig, ServerConfig, Spire};
@@ -383,6 +387,38 @@ pub async fn next<T>(stream: &mut Streaming<T>, within: Duration) -> T {
         .expect("no message before the deadline")
         .expect("stream error")
         .expect("stream ended")
+}
+
+/// Splits concatenated DER certificates (the Workload API's encoding of
+/// chains and bundles); panics on anything else.
+pub fn split_der(mut bytes: &[u8]) -> Vec<CertificateDer<'static>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (rest, _) = X509Certificate::from_der(bytes).expect("concatenated DER certificates");
+        out.push(CertificateDer::from(
+            bytes[..bytes.len() - rest.len()].to_vec(),
+        ));
+        bytes = rest;
+    }
+    out
+}
+
+/// A bundle set of `certs` for example.org.
+pub fn bundle_set(certs: Vec<CertificateDer<'static>>) -> BundleSet {
+    let mut set = BundleSet::new();
+    set.insert(TrustBundle::new(parse_trust_domain(TD).unwrap(), certs).unwrap());
+    set
+}
+
+/// Whether `leaf` (of example.org) chains to exactly this CA certificate.
+pub fn signed_by(leaf: &CertificateDer<'static>, ca: &CertificateDer<'static>) -> bool {
+    verify_svid_chain(
+        std::slice::from_ref(leaf),
+        &bundle_set(vec![ca.clone()]),
+        to_unix_time(SystemTime::now()),
+        PeerRole::Any,
+    )
+    .is_ok()
 }
 
 /// One raw call (`gospiffe-peer fetch`, `rpc` = x509svid or x509bundles)

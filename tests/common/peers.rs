@@ -72,6 +72,25 @@ pub fn ghostunnel() -> PathBuf {
     )
 }
 
+/// Whether one line of `log` holds every needle.
+pub fn has_line(log: &str, needles: &[&str]) -> bool {
+    log.lines().any(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+/// Waits (10 s at most) until one line of `log()` holds every needle; the
+/// failure shows the log, named `what`.
+pub async fn wait_line(what: &str, log: impl Fn() -> String, needles: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !has_line(&log(), needles) {
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needles:?} in the {what} log:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// How a go-spiffe end authorizes its peer.
 #[derive(Debug, Clone)]
 pub enum GoAuthorizer {
