@@ -43,12 +43,27 @@ pub enum LogFormat {
 pub enum Command {
     /// Run every tunnel in a config file (the daemon).
     ///
-    /// SIGHUP reloads the policy files (a bad one is refused and the current
-    /// policy stays); SIGTERM or SIGINT stop accepting, let live connections
-    /// finish for up to drain_timeout, and exit.
+    /// SIGHUP reloads the config and policy files, all or nothing (a bad one
+    /// is refused and the running config stays); SIGTERM or SIGINT stop
+    /// accepting, let live connections finish for up to drain_timeout, and
+    /// exit; SIGUSR2 upgrades in place: the binary now at this process's path
+    /// starts with its listening sockets, and once it is ready this process
+    /// stops accepting, drains and exits 0 (if it fails, this one serves on).
+    /// A tunnel with listen = "systemd:NAME" takes the socket systemd passed
+    /// under that name (socket activation).
     ///
-    /// Example: spiffe-tunnel run -c /etc/spiffe-tunnel/tunnel.toml
+    /// Example: spiffe-tunnel run -c /etc/spiffe-tunnel/tunnel.toml --pid-file /run/spiffe-tunnel.pid
     Run(RunArgs),
+
+    /// Upgrade a running daemon in place and wait until the new process serves.
+    ///
+    /// Sends SIGUSR2 to the pid in FILE (the --pid-file of `run`) and waits
+    /// for the new process to rewrite FILE, which it does once it is ready.
+    /// Exits 0 with both pids, or 1 when no new process is ready in time:
+    /// then the old one is still serving and its log says why.
+    ///
+    /// Example: spiffe-tunnel upgrade --pid-file /run/spiffe-tunnel.pid
+    Upgrade(UpgradeArgs),
 
     /// Validate a config file and its policy and identity files, and print what would run.
     ///
@@ -262,6 +277,23 @@ pub struct RunArgs {
     /// (unix:///path/to/api.sock or tcp://IP:port).
     #[arg(long, value_name = "ADDR")]
     pub socket: Option<String>,
+
+    /// Write the pid here (atomically) once serving; after an upgrade the
+    /// new process rewrites it, so `kill -USR2 $(cat FILE)` keeps working.
+    /// Removed on exit if it still holds this process's pid.
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The pid file of the running daemon (`run --pid-file`).
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: PathBuf,
+
+    /// How long to wait for the new process to be ready.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -425,3 +425,45 @@ pub fn render_status(doc: &serde_json::Value) -> String {
     }
     out
 }
+
+/// `spiffe-tunnel upgrade`: SIGUSR2 to the pid in `pid_file`, then waits
+/// until a new process has rewritten the file (it does so once ready).
+pub fn upgrade(pid_file: &Path, timeout: std::time::Duration) -> u8 {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let Some(old) = crate::upgrade::PidFile::read(pid_file) else {
+        eprintln!(
+            "{}: no pid in it (is spiffe-tunnel running with --pid-file {}?)",
+            pid_file.display(),
+            pid_file.display()
+        );
+        return EXIT_FAILURE;
+    };
+    let alive = |pid: u32| i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok());
+    if let Err(e) = i32::try_from(old)
+        .map_err(|_| nix::Error::EINVAL)
+        .and_then(|p| kill(Pid::from_raw(p), Signal::SIGUSR2))
+    {
+        eprintln!("cannot signal process {old}: {e}");
+        return EXIT_FAILURE;
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        match crate::upgrade::PidFile::read(pid_file) {
+            Some(new) if new != old && alive(new) => {
+                println!("upgraded: process {old} handed over to {new}, which is serving; {old} drains and exits");
+                return EXIT_OK;
+            }
+            _ if !alive(old) => {
+                eprintln!("process {old} exited and no new process took over");
+                return EXIT_FAILURE;
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+    eprintln!(
+        "no new process was ready within {}; process {old} keeps serving (its log says why the upgrade failed)",
+        humantime::format_duration(timeout)
+    );
+    EXIT_FAILURE
+}

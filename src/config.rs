@@ -116,11 +116,32 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Where a tunnel listens. More kinds (a unix socket for outbounds) may
+/// join; every place that binds or names a listener matches on this.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddress {
+    /// `IP:port`: bound at start-up, or taken over from the process this
+    /// one upgrades.
+    Tcp(SocketAddr),
+    /// `systemd:NAME`: the socket the service manager passed under that
+    /// name (`FileDescriptorName=` of the `.socket` unit).
+    Systemd(String),
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddress::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddress::Systemd(name) => write!(f, "systemd:{name}"),
+        }
+    }
+}
+
 /// mTLS in, plain out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundConfig {
     pub name: String,
-    pub listen: SocketAddr,
+    pub listen: ListenAddress,
     pub target: Target,
     pub policy: PolicySpec,
     /// Which of our SVIDs to present; `None` means the default one.
@@ -167,7 +188,7 @@ impl Default for BalanceSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboundConfig {
     pub name: String,
-    pub listen: SocketAddr,
+    pub listen: ListenAddress,
     /// `host:port` each; tried in turn.
     pub upstreams: Vec<String>,
     pub policy: PolicySpec,
@@ -409,9 +430,10 @@ impl Config {
             ));
         }
 
-        let mut listens: HashSet<SocketAddr> = admin.listen.into_iter().collect();
-        let mut check_listen = |addr: SocketAddr, span: &Range<usize>, key: &str| {
-            if listens.insert(addr) {
+        let mut listens: HashSet<ListenAddress> =
+            admin.listen.into_iter().map(ListenAddress::Tcp).collect();
+        let mut check_listen = |addr: &ListenAddress, span: &Range<usize>, key: &str| {
+            if listens.insert(addr.clone()) {
                 Ok(())
             } else {
                 Err(at.error(
@@ -427,8 +449,8 @@ impl Config {
         for (i, t) in raw.inbound.iter().enumerate() {
             let key = |k: &str| format!("inbound[{i}].{k}");
             let name = tunnel_name(&t.name, &key("name"), &mut names, &at)?;
-            let listen = parse_listen(&t.listen, &key("listen"), &at)?;
-            check_listen(listen, &t.listen.span(), &key("listen"))?;
+            let listen = parse_tunnel_listen(&t.listen, &key("listen"), &at)?;
+            check_listen(&listen, &t.listen.span(), &key("listen"))?;
             let target = parse_target(&t.target, &key("target"), &at, &resolve)?;
             let policy = policy_spec(
                 t.allow.as_ref(),
@@ -461,8 +483,8 @@ impl Config {
         for (i, t) in raw.outbound.iter().enumerate() {
             let key = |k: &str| format!("outbound[{i}].{k}");
             let name = tunnel_name(&t.name, &key("name"), &mut names, &at)?;
-            let listen = parse_listen(&t.listen, &key("listen"), &at)?;
-            check_listen(listen, &t.listen.span(), &key("listen"))?;
+            let listen = parse_tunnel_listen(&t.listen, &key("listen"), &at)?;
+            check_listen(&listen, &t.listen.span(), &key("listen"))?;
             if t.upstreams.get_ref().is_empty() {
                 return Err(at.error(
                     &t.upstreams.span(),
@@ -811,8 +833,39 @@ fn parse_listen(
     at: &Locator<'_>,
 ) -> Result<SocketAddr, ConfigError> {
     value.get_ref().parse().map_err(|_| {
-        at.error(&value.span(), key, format!("{:?} is not a listen address (expected IP:port, like \"0.0.0.0:8443\" or \"[::1]:8443\")", value.get_ref()))
+        at.error(&value.span(), key, format!("{:?} is not a listen address (expected IP:port, like \"0.0.0.0:8443\" or \"[::1]:8443\"{})", value.get_ref(), if key == "admin.listen" { "" } else { ", or systemd:NAME" }))
     })
+}
+
+/// A tunnel's `listen`: `IP:port` or `systemd:NAME`.
+fn parse_tunnel_listen(
+    value: &Spanned<String>,
+    key: &str,
+    at: &Locator<'_>,
+) -> Result<ListenAddress, ConfigError> {
+    let Some(name) = value.get_ref().strip_prefix("systemd:") else {
+        return parse_listen(value, key, at).map(ListenAddress::Tcp);
+    };
+    // systemd's rule for FileDescriptorName=: printable ASCII but ':', at
+    // most 255 characters.
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    if !valid {
+        return Err(at.error(
+            &value.span(),
+            key,
+            format!("{name:?} is not a systemd socket name (1-255 printable ASCII characters, no ':', as in FileDescriptorName=)"),
+        ));
+    }
+    if crate::listen::is_reserved_name(name) {
+        return Err(at.error(
+            &value.span(),
+            key,
+            format!("systemd socket names starting with inbound/, outbound/ or spiffe-tunnel/ are reserved for upgrades; rename FileDescriptorName={name}"),
+        ));
+    }
+    Ok(ListenAddress::Systemd(name.to_string()))
 }
 
 fn parse_host_port(
@@ -1090,7 +1143,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             config.inbound,
             vec![InboundConfig {
                 name: "api".into(),
-                listen: "0.0.0.0:8443".parse().unwrap(),
+                listen: ListenAddress::Tcp("0.0.0.0:8443".parse().unwrap()),
                 target: Target::Tcp("127.0.0.1:3000".into()),
                 policy: PolicySpec {
                     inline: vec![allow("spiffe://example.org/web")],
@@ -1106,7 +1159,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
             config.outbound,
             vec![OutboundConfig {
                 name: "api".into(),
-                listen: "127.0.0.1:8080".parse().unwrap(),
+                listen: ListenAddress::Tcp("127.0.0.1:8080".parse().unwrap()),
                 upstreams: vec!["10.0.0.2:8443".into(), "10.0.0.3:8443".into()],
                 policy: PolicySpec {
                     inline: vec![allow("spiffe://example.org/api")],
@@ -1475,7 +1528,7 @@ policy = "out.policy"
             err.to_string(),
             format!(
                 "{FILE}:{}: inbound[0].listen: \"nowhere\" is not a listen address \
-                 (expected IP:port, like \"0.0.0.0:8443\" or \"[::1]:8443\")",
+                 (expected IP:port, like \"0.0.0.0:8443\" or \"[::1]:8443\", or systemd:NAME)",
                 line_of(&text, "nowhere")
             )
         );
@@ -1587,7 +1640,44 @@ policy = "out.policy"
 
         // IPv6 in brackets is fine.
         let config = ok(&inbound("").replace("127.0.0.1:8443", "[::1]:8443"));
-        assert_eq!(config.inbound[0].listen, "[::1]:8443".parse().unwrap());
+        assert_eq!(
+            config.inbound[0].listen,
+            ListenAddress::Tcp("[::1]:8443".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn systemd_listen_addresses() {
+        let config = ok(&inbound("").replace("127.0.0.1:8443", "systemd:api-in"));
+        assert_eq!(
+            config.inbound[0].listen,
+            ListenAddress::Systemd("api-in".into())
+        );
+        assert_eq!(config.inbound[0].listen.to_string(), "systemd:api-in");
+        for (bad, why) in [
+            ("systemd:", "is not a systemd socket name"),
+            ("systemd:a:b", "is not a systemd socket name"),
+            ("systemd:a b", "is not a systemd socket name"),
+            ("systemd:inbound/api", "reserved for upgrades"),
+            ("systemd:spiffe-tunnel/admin", "reserved for upgrades"),
+        ] {
+            let text = inbound("").replace("127.0.0.1:8443", bad);
+            assert_invalid(&text, "listen =", "inbound[0].listen", why);
+        }
+        // Two tunnels cannot take one systemd socket.
+        let text = format!(
+            "{}\n[[outbound]]\nname = \"b\"\nlisten = \"systemd:s\"\nupstreams = [\"x:1\"]\nallow = [\"spiffe://td/x\"]\n",
+            inbound("").replace("127.0.0.1:8443", "systemd:s")
+        );
+        let (line, key, message) = invalid(&text);
+        assert_eq!(
+            (line, key.as_str()),
+            (nth_line_of(&text, "listen =", 1), "outbound[0].listen")
+        );
+        assert!(
+            message.contains("already used by another listener"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -6,11 +6,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use spiffe_tunnel::cli::{Cli, Command, LogFormat};
+use spiffe_tunnel::listen::Inherited;
+use spiffe_tunnel::upgrade::{PidFile, Readiness};
 use spiffe_tunnel::{agent, commands, demo, runtime};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any other thread starts: this takes the sockets passed to
+    // `run` (socket activation, or the process it upgrades) and clears
+    // their variables from the environment.
+    let mut inherited = matches!(cli.command, Command::Run(_)).then(Inherited::from_env);
+    let readiness = Readiness::new(inherited.as_mut().and_then(Inherited::take_ready));
     // The demo tells its story on stdout; its logs would only interrupt it.
     // `run` takes its filter from the config's [log] table (RUST_LOG wins).
     let default_filter = match &cli.command {
@@ -21,11 +28,12 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| "info".to_string()),
         _ => "info".to_string(),
     };
-    init_logging(cli.log_format, &default_filter);
+    init_logging(cli.log_format, &default_filter, readiness.clone());
     let code = match cli.command {
         Command::Check(args) => commands::check(&args.config),
         Command::Verify(args) => commands::verify(&args.bundles, &args.chain),
-        Command::Run(args) => block_on(run(args)),
+        Command::Run(args) => block_on(run(args, inherited.unwrap_or_default(), readiness)),
+        Command::Upgrade(args) => commands::upgrade(&args.pid_file, args.timeout),
         Command::DevAgent(args) => block_on(dev_agent(args)),
         Command::Demo(args) => block_on(demo(args)),
         Command::Svid(command) => block_on(svid(command)),
@@ -50,10 +58,13 @@ fn block_on(command: impl std::future::Future<Output = u8>) -> u8 {
     }
 }
 
-async fn run(args: spiffe_tunnel::cli::RunArgs) -> u8 {
+async fn run(args: spiffe_tunnel::cli::RunArgs, inherited: Inherited, readiness: Readiness) -> u8 {
     let options = runtime::RunOptions {
         config: args.config,
         socket: args.socket,
+        pid_file: args.pid_file.map(PidFile),
+        inherited,
+        readiness,
     };
     match runtime::run(options).await {
         Ok(()) => commands::EXIT_OK,
@@ -136,7 +147,9 @@ async fn demo(args: spiffe_tunnel::cli::DemoArgs) -> u8 {
     }
 }
 
-fn init_logging(format: LogFormat, default_filter: &str) {
+/// Logs go to stderr; `run` started by an upgrade also copies them to the
+/// previous process until it is ready (see `upgrade::Readiness`).
+fn init_logging(format: LogFormat, default_filter: &str, writer: Readiness) {
     // Filters are normalized first: see config::normalize_log_filter.
     let from_env = std::env::var("RUST_LOG")
         .ok()
@@ -148,7 +161,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         // Colour only for people at a terminal, never into journald or files.
         .with_ansi(std::io::stderr().is_terminal());
     match format {

@@ -122,6 +122,7 @@ pub struct Metrics {
     policy_reloads: Family<ResultLabels, Counter>,
     identity_updates: Family<ResultLabels, Counter>,
     revoked: Family<TunnelLabels, Counter>,
+    upgrades: Family<ResultLabels, Counter>,
     /// Serialises encoding with expiry-gauge replacement.
     expiry_lock: Mutex<()>,
 }
@@ -148,6 +149,7 @@ impl Metrics {
         let policy_reloads = Family::<ResultLabels, Counter>::default();
         let identity_updates = Family::<ResultLabels, Counter>::default();
         let revoked = Family::<TunnelLabels, Counter>::default();
+        let upgrades = Family::<ResultLabels, Counter>::default();
 
         // prometheus-client appends `_total` to counters itself.
         registry.register(
@@ -209,6 +211,14 @@ impl Metrics {
             identity_updates.get_or_create_owned(&ResultLabels { result });
         }
         registry.register(
+            "spiffe_tunnel_upgrades",
+            "Upgrades in place (SIGUSR2) this process started, by result (ok: the new process took over; failed: it did not, and this one serves on)",
+            upgrades.clone(),
+        );
+        for result in ["ok", "failed"] {
+            upgrades.get_or_create_owned(&ResultLabels { result });
+        }
+        registry.register(
             "spiffe_tunnel_connections_revoked",
             "Live connections closed because a reload or bundle change no longer allows their peer",
             revoked.clone(),
@@ -226,6 +236,7 @@ impl Metrics {
             policy_reloads,
             identity_updates,
             revoked,
+            upgrades,
             expiry_lock: Mutex::new(()),
         }
     }
@@ -279,6 +290,12 @@ impl Metrics {
         self.policy_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// One upgrade in place, taken over by the new process or failed.
+    pub fn upgrade(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.upgrades.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn identity_update(&self, ok: bool) {

@@ -2,44 +2,50 @@
 //!
 //! Start-up wires the one-way flow: the identity source publishes into the
 //! store, each tunnel gets TLS configs that read from the store and its own
-//! policy, and listeners are bound. Then it waits for signals. SIGHUP
-//! re-reads the whole config: tunnels are added, removed or changed, every
-//! policy is reloaded, and live connections whose peer is no longer allowed
-//! are closed; a bad config is refused and the running one stays.
-//! SIGTERM/SIGINT drain and exit.
+//! policy, and listeners are bound ([`launch`]). Then it waits for signals.
+//! SIGHUP re-reads the whole config ([`reload`]): tunnels are added,
+//! removed or changed, every policy is reloaded, and live connections whose
+//! peer is no longer allowed are closed; a bad config is refused and the
+//! running one stays. SIGTERM/SIGINT drain and exit.
 //!
 //! What the admin endpoint shows lives in [`Shared`], which the daemon
 //! updates and the endpoint only reads.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError, IdentityConfig, InboundConfig, OutboundConfig};
+use crate::config::{
+    Config, ConfigError, IdentityConfig, InboundConfig, ListenAddress, OutboundConfig,
+};
 use crate::identity::workload_api::{
     wait_for_first_identity, ApiAddress, ApiHealth, WorkloadApiSource,
 };
 use crate::identity::{BundleSet, IdentityError, IdentityStore};
+use crate::listen::{Inherited, ListenError, Owner};
 use crate::metrics::{Metrics, TunnelKind};
 use crate::notify::Notifier;
 use crate::policy::{Policy, PolicyError};
 use crate::proxy::balance::Balancer;
-use crate::proxy::inbound::Inbound;
-use crate::proxy::outbound::Outbound;
 use crate::proxy::registry::ConnectionRegistry;
 use crate::proxy::{Tunnel, TunnelContext};
-use crate::tls::config::{client_config, server_config, TlsConfigError, TlsSettings};
-use crate::tls::verify::{authorize, verify_svid_chain, PeerRole};
+use crate::tls::config::TlsConfigError;
+use crate::tls::verify::{verify_svid_chain, PeerRole};
+use crate::upgrade::{PidFile, Readiness, Upgrader};
+use launch::Running;
+use signals::Signals;
+
+mod launch;
+mod reload;
+mod signals;
 
 /// How often the file identity source looks at its files.
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -53,17 +59,11 @@ pub enum RunError {
     Policy(#[from] PolicyError),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
-    #[error("{kind} tunnel {tunnel:?}: cannot listen on {addr}: {source}")]
-    Bind {
-        kind: TunnelKind,
-        tunnel: String,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("admin endpoint: cannot listen on {addr}: {source}")]
-    AdminBind {
-        addr: SocketAddr,
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("--pid-file {}: {source}", .path.display())]
+    PidFile {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -80,17 +80,24 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Config(_) | RunError::Policy(_) => 2,
+            RunError::Listen(e) if e.is_config() => 2,
             _ => 1,
         }
     }
 }
 
 /// Options of `spiffe-tunnel run`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RunOptions {
     pub config: PathBuf,
     /// `--socket`: overrides the Workload API address of the config.
     pub socket: Option<String>,
+    /// `--pid-file`: written when ready, by each process after an upgrade.
+    pub pid_file: Option<PidFile>,
+    /// The sockets passed to us (systemd, or the process we upgrade).
+    pub inherited: Inherited,
+    /// Tells the process we upgrade that we are ready.
+    pub readiness: Readiness,
 }
 
 /// One tunnel's config, whichever its direction.
@@ -115,10 +122,27 @@ impl TunnelConfig {
         }
     }
 
-    pub fn listen(&self) -> SocketAddr {
+    pub fn listen(&self) -> &ListenAddress {
         match self {
-            TunnelConfig::Inbound(c) => c.listen,
-            TunnelConfig::Outbound(c) => c.listen,
+            TunnelConfig::Inbound(c) => &c.listen,
+            TunnelConfig::Outbound(c) => &c.listen,
+        }
+    }
+
+    /// Who its listener is for, in messages and upgrade hand-over names.
+    pub fn owner(&self) -> Owner<'_> {
+        Owner::Tunnel {
+            kind: self.kind().as_str(),
+            name: self.name(),
+        }
+    }
+
+    /// The name its socket is passed under in an upgrade: the systemd
+    /// name it came with, or `KIND/NAME`.
+    pub fn handover_name(&self) -> String {
+        match self.listen() {
+            ListenAddress::Systemd(name) => name.clone(),
+            ListenAddress::Tcp(_) => self.owner().upgrade_name(),
         }
     }
 
@@ -213,22 +237,49 @@ impl Shared {
     }
 }
 
-/// A started tunnel and the tasks serving it.
-struct Running {
-    entry: Arc<TunnelEntry>,
-    accept_task: JoinHandle<()>,
-}
-
-/// Runs the daemon until SIGTERM/SIGINT and a finished drain.
-pub async fn run(options: RunOptions) -> Result<(), RunError> {
+/// Runs the daemon until SIGTERM/SIGINT (or a finished upgrade) and a
+/// finished drain.
+pub async fn run(mut options: RunOptions) -> Result<(), RunError> {
+    // First of all, so a SIGTERM during start-up stops it cleanly.
+    let mut signals = Signals::install()?;
+    for note in options.inherited.notes.drain(..) {
+        warn!("{note}");
+    }
+    let upgrader = Upgrader::from_current_process();
     let config = Config::load(&options.config)?;
     raise_open_files_limit();
     let notifier = Notifier::from_env();
-    let daemon = Daemon::start(config, options.socket.as_deref()).await?;
+    let from_upgrade = options.inherited.from_upgrade();
+    let start = Daemon::start_with(config, options.socket.as_deref(), options.inherited);
+    let daemon = tokio::select! {
+        started = start => started?,
+        () = signals.stop() => {
+            info!("stopped during start-up");
+            return Ok(());
+        }
+    };
+    if let Some(pid_file) = &options.pid_file {
+        pid_file.write().map_err(|source| RunError::PidFile {
+            path: pid_file.0.clone(),
+            source,
+        })?;
+    }
     if let Some(n) = &notifier {
+        // MAINPID= in it makes systemd follow us after an upgrade.
         n.ready(&daemon.status_line());
     }
-    daemon.wait_for_signals(notifier).await
+    if from_upgrade {
+        info!(
+            previous = std::os::unix::process::parent_id(),
+            "upgrade: ready; the previous process stops accepting"
+        );
+    }
+    options.readiness.ready();
+    let result = daemon.wait_for_signals(signals, notifier, upgrader).await;
+    if let Some(pid_file) = &options.pid_file {
+        pid_file.remove_if_ours();
+    }
+    result
 }
 
 /// Every tunnel of one config, serving, with the identity source that feeds
@@ -241,19 +292,25 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<ConnectionRegistry>,
     running: Vec<Running>,
-    /// Identity source, identity watcher and admin endpoint; ended on drop.
+    /// Identity source and identity watcher; ended on drop.
     tasks: Vec<JoinHandle<()>>,
+    /// The admin endpoint, and its socket for an upgrade to pass on.
+    admin: Option<(JoinHandle<()>, OwnedFd)>,
+    /// What was passed at start-up, all claimed or closed by now: a
+    /// reload can only name what is gone.
+    inherited: Inherited,
     ctx: TunnelContext,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         for r in &self.running {
-            r.entry.tunnel.stop_accepting.cancel();
-            r.entry.tunnel.close_all.cancel();
-            r.accept_task.abort();
+            r.abort();
         }
         for task in &self.tasks {
+            task.abort();
+        }
+        if let Some((task, _)) = &self.admin {
             task.abort();
         }
     }
@@ -265,12 +322,27 @@ impl Daemon {
         self.running.iter().map(|r| &r.entry.tunnel)
     }
 
-    /// Starts the identity source, waits for the first identity, binds
-    /// every listener and the admin endpoint, and starts serving.
+    /// [`Daemon::start_with`] with nothing passed: every listener bound.
     pub async fn start(config: Config, socket_override: Option<&str>) -> Result<Self, RunError> {
+        Self::start_with(config, socket_override, Inherited::none()).await
+    }
+
+    /// Takes the passed sockets and binds the rest, closes the passed ones
+    /// no tunnel claims, starts the identity source and waits for the first
+    /// identity, and only then starts accepting: the listeners fail fast
+    /// (a port in use, a socket systemd did not pass), and no connection is
+    /// accepted before we can serve it.
+    pub async fn start_with(
+        config: Config,
+        socket_override: Option<&str>,
+        mut inherited: Inherited,
+    ) -> Result<Self, RunError> {
         let metrics = Arc::new(Metrics::new());
         let store = IdentityStore::new();
         let registry = ConnectionRegistry::new();
+        let tunnels = TunnelConfig::all(&config);
+        let (listeners, admin_listener) =
+            launch::acquire_listeners(&tunnels, config.admin.listen, &mut inherited).await?;
         let (mut tasks, identity_source, api_health) =
             start_identity_source(&config, socket_override, &store, &metrics).await?;
         let ctx = TunnelContext {
@@ -278,10 +350,13 @@ impl Daemon {
             metrics: Arc::clone(&metrics),
             registry: Arc::clone(&registry),
         };
-        let mut running = Vec::new();
-        for tunnel in TunnelConfig::all(&config) {
-            running.push(start_tunnel(tunnel, &ctx).await?);
+        // Every tunnel built before any starts.
+        let mut prepared = Vec::new();
+        for (tunnel, listener) in tunnels.into_iter().zip(listeners) {
+            let policy = Arc::new(ArcSwap::from_pointee(tunnel.load_policy()?));
+            prepared.push(launch::prepare(tunnel, policy, listener, &ctx)?);
         }
+        let running: Vec<Running> = prepared.into_iter().map(launch::Prepared::launch).collect();
         let shared = Arc::new(Shared {
             config_path: config.path.clone(),
             store: Arc::clone(&store),
@@ -295,15 +370,17 @@ impl Daemon {
             started: SystemTime::now(),
         });
         tasks.push(tokio::spawn(watch_identity(Arc::clone(&shared))));
-        if let Some(addr) = config.admin.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::AdminBind { addr, source })?;
-            info!(listen = %addr, "admin endpoint listening (/healthz /readyz /metrics /status)");
-            tasks.push(tokio::spawn(crate::admin::serve(
-                listener,
-                Arc::clone(&shared),
-            )));
+        let mut admin = None;
+        if let Some(listener) = admin_listener {
+            let socket = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| RunError::Startup(format!("admin endpoint: {e}")))?;
+            if let Ok(addr) = listener.local_addr() {
+                info!(listen = %addr, "admin endpoint listening (/healthz /readyz /metrics /status)");
+            }
+            let task = tokio::spawn(crate::admin::serve(listener, Arc::clone(&shared)));
+            admin = Some((task, socket));
         }
         info!(
             config = %config.path.display(),
@@ -319,6 +396,8 @@ impl Daemon {
             registry,
             running,
             tasks,
+            admin,
+            inherited,
             ctx,
         })
     }
@@ -332,46 +411,15 @@ impl Daemon {
         )
     }
 
-    /// Serves until SIGTERM/SIGINT, reloading on SIGHUP, then drains.
-    pub async fn wait_for_signals(mut self, notifier: Option<Notifier>) -> Result<(), RunError> {
-        let mut hangup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
-        let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-        loop {
-            tokio::select! {
-                _ = hangup.recv() => {
-                    if let Some(n) = &notifier {
-                        n.reloading();
-                    }
-                    self.reload().await;
-                    if let Some(n) = &notifier {
-                        n.reloaded(&self.status_line());
-                    }
-                }
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
-            }
-        }
-        if let Some(n) = &notifier {
-            n.stopping();
-        }
-        self.drain(async move {
-            tokio::select! {
-                _ = terminate.recv() => {},
-                _ = interrupt.recv() => {},
-            }
-        })
-        .await;
-        Ok(())
-    }
-
-    /// SIGHUP: re-reads the config file and applies it. Tunnels are
-    /// matched by kind and name: an unchanged one keeps its listener and
-    /// live connections and only gets its policy reloaded; a changed one is
-    /// replaced (its live connections finish under its drain_timeout); a
-    /// removed one stops; a new one starts. Live connections whose peer the
-    /// new policy no longer allows are closed. Any error in the new config
-    /// or its policy files refuses the whole reload.
+    /// SIGHUP: re-reads the config file and applies it, all or nothing
+    /// (see [`reload`]). Tunnels are matched by kind and name: one whose
+    /// config is unchanged but for its policy keeps its listener and live
+    /// connections and gets the new policy; a changed one is replaced (its
+    /// socket handed over when the address stays; its live connections
+    /// that the new policy allows finish within its drain_timeout); a
+    /// removed one stops and its connections are closed; a new one starts.
+    /// Live connections whose peer the new policy no longer allows are
+    /// closed, whichever generation of the tunnel they belong to.
     pub async fn reload(&mut self) {
         match self.try_reload().await {
             Ok(summary) => {
@@ -393,164 +441,6 @@ impl Daemon {
             message,
         })));
     }
-
-    async fn try_reload(&mut self) -> Result<String, String> {
-        let new = Config::load(&self.config.path).map_err(|e| e.to_string())?;
-        let wanted = TunnelConfig::all(&new);
-        // Load every policy before touching anything: all or nothing.
-        let policies = wanted
-            .iter()
-            .map(TunnelConfig::load_policy)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-
-        let mut notes = Vec::new();
-        if new.identity != self.config.identity {
-            notes.push("[identity] changes take effect at the next restart".to_string());
-        }
-        if new.admin != self.config.admin {
-            notes.push("[admin] changes take effect at the next restart".to_string());
-        }
-        if new.log != self.config.log {
-            notes.push("[log] changes take effect at the next restart".to_string());
-        }
-        for note in &notes {
-            warn!("{note}");
-        }
-
-        let mut old: HashMap<(TunnelKind, String), Running> = self
-            .running
-            .drain(..)
-            .map(|r| {
-                (
-                    (r.entry.config.kind(), r.entry.config.name().to_string()),
-                    r,
-                )
-            })
-            .collect();
-        let (mut kept, mut replaced, mut added, mut revoked) = (0, 0, 0, 0);
-        let mut failures = Vec::new();
-        let mut next = Vec::new();
-        for (config, policy) in wanted.into_iter().zip(policies) {
-            let key = (config.kind(), config.name().to_string());
-            match old.remove(&key) {
-                Some(running) if running.entry.config == config => {
-                    let tunnel = &running.entry.tunnel;
-                    tunnel.policy.store(Arc::new(policy));
-                    revoked += revoke_disallowed(&self.registry, tunnel);
-                    kept += 1;
-                    next.push(running);
-                }
-                previous => {
-                    if let Some(previous) = previous {
-                        retire(previous).await;
-                        replaced += 1;
-                    } else {
-                        added += 1;
-                    }
-                    match start_tunnel(config, &self.ctx).await {
-                        Ok(running) => {
-                            running.entry.tunnel.policy.store(Arc::new(policy));
-                            next.push(running);
-                        }
-                        Err(e) => failures.push(e.to_string()),
-                    }
-                }
-            }
-        }
-        let removed = old.len();
-        for (_, running) in old {
-            retire(running).await;
-        }
-        self.running = next;
-        self.shared.tunnels.store(Arc::new(
-            self.running.iter().map(|r| Arc::clone(&r.entry)).collect(),
-        ));
-        self.config = new;
-        let summary = format!(
-            "{kept} tunnel(s) kept, {replaced} replaced, {added} added, {removed} removed; {revoked} live connection(s) revoked"
-        );
-        if failures.is_empty() {
-            Ok(summary)
-        } else {
-            Err(format!("{summary}; but {}", failures.join("; ")))
-        }
-    }
-
-    /// Stops accepting, lets live connections finish for up to the longest
-    /// `drain_timeout`, then closes the rest. `second_signal` closes them
-    /// at once.
-    pub async fn drain(self, second_signal: impl std::future::Future<Output = ()>) {
-        self.shared.draining.store(true, Ordering::Relaxed);
-        let running = &self.running;
-        let deadline = running
-            .iter()
-            .map(|r| r.entry.tunnel.settings.drain_timeout)
-            .max()
-            .unwrap_or_default();
-        let live: usize = running
-            .iter()
-            .map(|r| r.entry.tunnel.active_connections())
-            .sum();
-        info!(live_connections = live, drain_timeout = ?deadline, "draining: no new connections are accepted");
-        for r in running {
-            r.entry.tunnel.stop_accepting.cancel();
-            r.entry.tunnel.connections.close();
-        }
-        let all_done = async {
-            for r in running {
-                r.entry.tunnel.connections.wait().await;
-            }
-        };
-        tokio::select! {
-            () = all_done => info!("drained: every connection finished"),
-            () = tokio::time::sleep(deadline) => warn!("drain timeout passed; closing the remaining connections"),
-            () = second_signal => warn!("second signal: closing the remaining connections now"),
-        }
-        for r in running {
-            r.entry.tunnel.close_all.cancel();
-        }
-        // The copies end at their next poll; give them a moment to flush.
-        let closed = async {
-            for r in running {
-                r.entry.tunnel.connections.wait().await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
-    }
-}
-
-/// Stops a tunnel that a reload removed or replaced: the listener closes
-/// now (so a replacement can bind the same address), and its live
-/// connections get its `drain_timeout` to finish in the background.
-async fn retire(running: Running) {
-    let tunnel = Arc::clone(&running.entry.tunnel);
-    tunnel.stop_accepting.cancel();
-    tunnel.connections.close();
-    let _ = running.accept_task.await;
-    info!(tunnel = %tunnel.name, kind = %tunnel.kind_name(), live = tunnel.active_connections(), "tunnel stopped by reload; its live connections may finish");
-    tokio::spawn(async move {
-        let drained =
-            tokio::time::timeout(tunnel.settings.drain_timeout, tunnel.connections.wait()).await;
-        if drained.is_err() {
-            tunnel.close_all.cancel();
-        }
-    });
-}
-
-/// Closes the live connections of `tunnel` whose peer its current policy
-/// no longer allows; returns how many.
-fn revoke_disallowed(registry: &ConnectionRegistry, tunnel: &Tunnel) -> usize {
-    let policy = tunnel.policy.load();
-    let closed = registry.revoke_where(|conn| {
-        if conn.tunnel != tunnel.name || conn.kind != tunnel.kind {
-            return None;
-        }
-        let peer = conn.peer.as_ref()?;
-        authorize(&policy, &peer.id).err().map(|e| e.to_string())
-    });
-    log_revocations(&closed, tunnel, "policy reload");
-    closed.len()
 }
 
 fn log_revocations(
@@ -570,111 +460,6 @@ fn log_revocations(
             "live connection revoked"
         );
     }
-}
-
-/// Starts one tunnel: policy, TLS config, listener, accept loop.
-async fn start_tunnel(config: TunnelConfig, ctx: &TunnelContext) -> Result<Running, RunError> {
-    let policy = Arc::new(ArcSwap::from_pointee(config.load_policy()?));
-    let listen = config.listen();
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            kind: config.kind(),
-            tunnel: config.name().to_string(),
-            addr: listen,
-            source,
-        })?;
-    let listening = Arc::new(AtomicBool::new(true));
-    let mut balancer = None;
-    let (tunnel, accept_task) = match &config {
-        TunnelConfig::Inbound(inbound) => {
-            let tunnel = Arc::new(
-                Tunnel::new(
-                    &inbound.name,
-                    TunnelKind::inbound,
-                    inbound.settings.clone(),
-                    inbound.svid.clone(),
-                    Arc::clone(&policy),
-                    ctx,
-                )
-                .with_access_log(inbound.access_log),
-            );
-            let tls = server_config(&TlsSettings {
-                store: Arc::clone(&ctx.store),
-                policy,
-                svid: inbound.svid.clone(),
-                min_tls: inbound.settings.min_tls,
-                session_resumption: inbound.settings.session_resumption,
-            })?;
-            info!(tunnel = %inbound.name, listen = %listen, target = %inbound.target, "inbound tunnel listening");
-            let serving = Arc::new(Inbound::new(Arc::clone(&tunnel), inbound.clone(), tls));
-            (
-                tunnel,
-                tokio::spawn(serve_flagged(
-                    serving.serve(listener),
-                    Arc::clone(&listening),
-                )),
-            )
-        }
-        TunnelConfig::Outbound(outbound) => {
-            let tunnel = Arc::new(
-                Tunnel::new(
-                    &outbound.name,
-                    TunnelKind::outbound,
-                    outbound.settings.clone(),
-                    outbound.svid.clone(),
-                    Arc::clone(&policy),
-                    ctx,
-                )
-                .with_access_log(outbound.access_log),
-            );
-            let tls = client_config(&TlsSettings {
-                store: Arc::clone(&ctx.store),
-                policy,
-                svid: outbound.svid.clone(),
-                min_tls: outbound.settings.min_tls,
-                session_resumption: outbound.settings.session_resumption,
-            })?;
-            info!(tunnel = %outbound.name, listen = %listen, upstreams = ?outbound.upstreams, "outbound tunnel listening");
-            let upstreams = Balancer::new(
-                &outbound.name,
-                &outbound.upstreams,
-                &outbound.balance,
-                outbound.settings.connect_timeout,
-            );
-            // Health checks and re-resolution end with the tunnel.
-            upstreams.start(tunnel.stop_accepting.clone());
-            balancer = Some(Arc::clone(&upstreams));
-            let serving = Arc::new(Outbound::new(
-                Arc::clone(&tunnel),
-                outbound.clone(),
-                tls,
-                upstreams,
-            ));
-            (
-                tunnel,
-                tokio::spawn(serve_flagged(
-                    serving.serve(listener),
-                    Arc::clone(&listening),
-                )),
-            )
-        }
-    };
-    Ok(Running {
-        entry: Arc::new(TunnelEntry {
-            config,
-            tunnel,
-            balancer,
-            listening,
-        }),
-        accept_task,
-    })
-}
-
-/// Runs an accept loop and clears `listening` when it ends.
-async fn serve_flagged(serve: impl std::future::Future<Output = ()>, listening: Arc<AtomicBool>) {
-    serve.await;
-    listening.store(false, Ordering::Relaxed);
 }
 
 type SourceStart = (

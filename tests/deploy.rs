@@ -360,8 +360,11 @@ fn systemd_unit_matches_the_daemon_and_its_config() {
     assert_eq!(one("KillSignal"), "SIGTERM");
     assert_eq!(
         one("ExecStart"),
-        "/usr/local/bin/spiffe-tunnel run -c /etc/spiffe-tunnel/tunnel.toml"
+        "/usr/local/bin/spiffe-tunnel run -c /etc/spiffe-tunnel/tunnel.toml --pid-file /run/spiffe-tunnel/spiffe-tunnel.pid"
     );
+    // The new process of an upgrade sends MAINPID=; systemd takes it only so.
+    assert_eq!(one("NotifyAccess"), "all");
+    assert_eq!(one("RuntimeDirectory"), "spiffe-tunnel");
     assert!(values("ExecReload").contains(&"/bin/kill -HUP $MAINPID"));
     assert_eq!(one("LimitNOFILE"), "1048576");
 
@@ -379,6 +382,35 @@ fn systemd_unit_matches_the_daemon_and_its_config() {
         "TimeoutStartSec {start:?} must exceed startup_timeout {:?}",
         startup_timeout(&config)
     );
+}
+
+/// The socket unit passes exactly the addresses the example config
+/// listens on (its tunnels and admin), which is how they claim them.
+#[test]
+fn socket_unit_passes_what_the_config_listens_on() {
+    let unit = fs::read_to_string(repo().join("deploy/systemd/spiffe-tunnel.socket")).unwrap();
+    let entries = unit_entries(&unit);
+    for (s, _, _) in &entries {
+        assert!(
+            ["Unit", "Socket", "Install"].contains(&s.as_str()),
+            "unknown section [{s}]"
+        );
+    }
+    let mut streams: Vec<String> = entries
+        .iter()
+        .filter(|(s, k, _)| s == "Socket" && k == "ListenStream")
+        .map(|(_, _, v)| v.clone())
+        .collect();
+    let config = parse_toml(&repo().join("deploy/systemd/tunnel.toml"));
+    let mut listens: Vec<String> = ["inbound", "outbound"]
+        .iter()
+        .flat_map(|kind| config[*kind].as_array().cloned().unwrap_or_default())
+        .map(|t| t["listen"].as_str().unwrap().to_string())
+        .chain(config["admin"]["listen"].as_str().map(str::to_string))
+        .collect();
+    streams.sort();
+    listens.sort();
+    assert_eq!(streams, listens);
 }
 
 #[test]

@@ -103,6 +103,53 @@ impl Live {
     }
 }
 
+/// An inbound "api" node (presenting API, allowing web, in front of an echo
+/// target) and an outbound node (presenting web) dialling it.
+struct Pair {
+    _tmp: tempfile::TempDir,
+    target: Target,
+    server: Node,
+    client: Node,
+    in_addr: SocketAddr,
+    out_addr: SocketAddr,
+}
+
+impl Pair {
+    async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::new("example.org");
+        let target = Target::start(TargetMode::Echo).await;
+        let (in_addr, out_addr) = (free_addr(), free_addr());
+        let server = node(
+            &tmp.path().join("in"),
+            &ca,
+            API,
+            &inbound("api", in_addr, target.addr, &format!("{WEB:?}"), ""),
+        )
+        .await;
+        let client = node(
+            &tmp.path().join("out"),
+            &ca,
+            WEB,
+            &outbound("api", out_addr, in_addr),
+        )
+        .await;
+        Self {
+            _tmp: tmp,
+            target,
+            server,
+            client,
+            in_addr,
+            out_addr,
+        }
+    }
+
+    /// The server's inbound "api" with `allow` and `extra` keys.
+    fn inbound(&self, allow: &str, extra: &str) -> String {
+        inbound("api", self.in_addr, self.target.addr, allow, extra)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_metrics_and_status() {
     let tmp = tempfile::tempdir().unwrap();
@@ -363,6 +410,14 @@ async fn sighup_adds_and_removes_tunnels_without_touching_the_others() {
     kept.write_all(b"one").await.unwrap();
     let mut buf = [0u8; 3];
     kept.read_exact(&mut buf).await.unwrap();
+    // And one on the tunnel that goes: no policy is left to allow it.
+    let tcp = TcpStream::connect(gone_addr).await.unwrap();
+    let mut doomed = connector
+        .connect(rustls_pki_types::ServerName::try_from("x").unwrap(), tcp)
+        .await
+        .unwrap();
+    doomed.write_all(b"one").await.unwrap();
+    doomed.read_exact(&mut buf).await.unwrap();
 
     // Reload: "gone" removed, "new" added, "keep" unchanged.
     let added = inbound("new", new_addr, target.addr, &format!("{WEB:?}"), "");
@@ -375,11 +430,19 @@ async fn sighup_adds_and_removes_tunnels_without_touching_the_others() {
     server
         .daemon
         .wait_log(
-            "1 tunnel(s) kept, 0 replaced, 1 added, 1 removed",
+            "1 tunnel(s) kept, 0 replaced, 1 added, 1 removed; 1 live connection(s) revoked",
             1,
             Duration::from_secs(10),
         )
         .await;
+    // Closed at once, not after drain_timeout (5 s).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), doomed.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the removed tunnel's connection is still open: {closed:?}"
+    );
+    assert!(server.daemon.log().contains("tunnel removed by reload"));
 
     assert_eq!(
         raw_tls_roundtrip(new_addr, config(), b"new").await.unwrap(),
@@ -411,24 +474,9 @@ async fn sighup_adds_and_removes_tunnels_without_touching_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_under_load_finishes_live_connections_and_exits_zero() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("example.org");
-    let target = Target::start(TargetMode::Echo).await;
-    let (in_addr, out_addr) = (free_addr(), free_addr());
-    let mut server = node(
-        &tmp.path().join("in"),
-        &ca,
-        API,
-        &inbound("api", in_addr, target.addr, &format!("{WEB:?}"), ""),
-    )
-    .await;
-    let _client = node(
-        &tmp.path().join("out"),
-        &ca,
-        WEB,
-        &outbound("api", out_addr, in_addr),
-    )
-    .await;
+    let mut pair = Pair::start().await;
+    let (in_addr, out_addr) = (pair.in_addr, pair.out_addr);
+    let server = &mut pair.server;
 
     // Twenty connections busy moving data when SIGTERM arrives.
     let mut workers = Vec::new();
@@ -601,5 +649,264 @@ async fn outbound_balances_over_live_upstreams_and_retries_past_a_dead_one() {
         client.daemon.log().contains("retry") || client.daemon.log().contains("eject"),
         "{}",
         client.daemon.log()
+    );
+}
+
+/// Rewrites a node's config with `tunnels`, sends SIGHUP and waits for the
+/// `nth` reload outcome line ("reloaded:" or "reload refused") in its log.
+async fn reload(node: &Node, tunnels: &str, nth: usize) -> String {
+    std::fs::write(&node.config, config_text(node.admin, tunnels)).unwrap();
+    node.daemon.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = node.daemon.log();
+        let outcomes: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("reloaded:") || l.contains("reload refused"))
+            .collect();
+        if outcomes.len() >= nth {
+            return outcomes[nth - 1].to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload outcome #{nth} in the log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Counts refused TCP connects to `addr` until `stop` is set: a listener
+/// handed over by a reload must never leave the port closed.
+fn count_refusals(
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let (mut tries, mut refused) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tries += 1;
+            if std::net::TcpStream::connect(addr).is_err() {
+                refused += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (tries, refused)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_allow_change_revokes_live_connections_of_replaced_tunnels() {
+    let pair = Pair::start().await;
+    let (server, client, in_addr, out_addr) =
+        (&pair.server, &pair.client, pair.in_addr, pair.out_addr);
+    let allow_web = format!("{WEB:?}");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = count_refusals(in_addr, std::sync::Arc::clone(&stop));
+
+    // A change that replaces the tunnel but still allows web: the live
+    // connection, now on the retired tunnel, carries on.
+    let mut live = Live::open(out_addr).await;
+    let outcome = reload(server, &pair.inbound(&allow_web, "access_log = true"), 1).await;
+    assert!(
+        outcome.contains("1 replaced") && outcome.contains("0 live connection(s) revoked"),
+        "{outcome}"
+    );
+    assert!(live.echo("still allowed").await);
+
+    // The case: the inline allow no longer names web. The live
+    // connection of the retired tunnel is closed at once, logged and counted.
+    let other = "\"spiffe://example.org/someone-else\"";
+    let outcome = reload(server, &pair.inbound(other, "access_log = true"), 2).await;
+    assert!(
+        outcome.contains("1 live connection(s) revoked"),
+        "{outcome}"
+    );
+    assert!(
+        !live.echo("revoked?").await,
+        "the revoked connection still carries data"
+    );
+    let log = server.daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("live connection revoked"))
+        .unwrap_or_else(|| panic!("no revocation line:\n{log}"));
+    assert!(line.contains(WEB) && line.contains("not allowed"), "{line}");
+    let metrics = get(server.admin, "/metrics").await.1;
+    let revoked = |kind: &str| {
+        format!("spiffe_tunnel_connections_revoked_total{{tunnel=\"api\",kind=\"{kind}\"}}")
+    };
+    assert_eq!(sample(&metrics, &revoked("inbound")), 1.0, "{metrics}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (tries, refused) = prober.join().unwrap();
+    assert_eq!(
+        refused, 0,
+        "{refused} of {tries} connects refused across the reloads"
+    );
+
+    // The same on the outbound side: its allow no longer names api.
+    reload(server, &pair.inbound(&allow_web, ""), 3).await;
+    let mut live = Live::open(out_addr).await;
+    let changed = outbound("api", out_addr, in_addr).replace(API, "spiffe://example.org/other");
+    let outcome = reload(client, &changed, 1).await;
+    assert!(
+        outcome.contains("1 live connection(s) revoked"),
+        "{outcome}"
+    );
+    assert!(!live.echo("revoked?").await);
+    let metrics = get(client.admin, "/metrics").await.1;
+    assert_eq!(sample(&metrics, &revoked("outbound")), 1.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_in_flight_at_sighup_is_judged_by_the_new_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let in_addr = free_addr();
+    let server = node(
+        &tmp.path().join("in"),
+        &ca,
+        API,
+        &inbound("api", in_addr, target.addr, &format!("{WEB:?}"), ""),
+    )
+    .await;
+    let web = ca.leaf(WEB);
+    let config = || raw_client_config(Some((&web.chain_pem, &web.key_pem)));
+    assert_eq!(
+        raw_tls_roundtrip(in_addr, config(), b"before")
+            .await
+            .unwrap(),
+        b"before"
+    );
+    let accepts = target.accepts();
+
+    // The server is waiting for our certificate when the reload lands.
+    let paused = tokio::task::spawn_blocking({
+        let config = config();
+        move || PausedHandshake::start(in_addr, config)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let other = "\"spiffe://example.org/someone-else\"";
+    let outcome = reload(&server, &inbound("api", in_addr, target.addr, other, ""), 1).await;
+    assert!(outcome.contains("reloaded:"), "{outcome}");
+    let finished = tokio::task::spawn_blocking(move || paused.finish(b"after"))
+        .await
+        .unwrap();
+    assert!(
+        finished.is_err(),
+        "admitted under the old policy: {finished:?}"
+    );
+    server
+        .daemon
+        .wait_log("not allowed by the policy", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        target.accepts(),
+        accepts,
+        "the refused peer reached the target"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_listener_cannot_bind_changes_nothing() {
+    let pair = Pair::start().await;
+    let (server, target, in_addr, out_addr) =
+        (&pair.server, &pair.target, pair.in_addr, pair.out_addr);
+    let extra_addr = free_addr();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap();
+    let allow_web = format!("{WEB:?}");
+    let mut live = Live::open(out_addr).await;
+
+    // "api" moves to a port someone else holds, and "extra" is added.
+    let tunnels = format!(
+        "{}{}",
+        inbound("extra", extra_addr, target.addr, &allow_web, ""),
+        inbound("api", busy_addr, target.addr, &allow_web, ""),
+    );
+    let outcome = reload(server, &tunnels, 1).await;
+    assert!(outcome.contains("reload refused"), "{outcome}");
+    assert!(
+        outcome.contains(&format!("cannot listen on {busy_addr}")),
+        "{outcome}"
+    );
+    // Nothing of it applied: the old tunnel serves its live connection and
+    // new ones, and "extra" never started.
+    assert!(live.echo("still here").await);
+    assert_eq!(roundtrip(out_addr, b"new").await.unwrap(), b"new");
+    assert!(std::net::TcpStream::connect(extra_addr).is_err());
+    let status: serde_json::Value =
+        serde_json::from_str(&get(server.admin, "/status").await.1).unwrap();
+    assert_eq!(status["last_reload"]["result"], "error");
+    assert_eq!(status["tunnels"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["tunnels"][0]["listen"], in_addr.to_string());
+    drop(busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_each_policy_file_once() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("example.org");
+    let target = Target::start(TargetMode::Echo).await;
+    let in_addr = free_addr();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy_file = dir.join("api.policy");
+    std::fs::write(&policy_file, format!("{WEB}\n")).unwrap();
+    let policy = "policy = \"api.policy\"";
+    let server = node(
+        &dir,
+        &ca,
+        API,
+        &inbound("api", in_addr, target.addr, "", policy),
+    )
+    .await;
+
+    // Every read of the policy file from now on, seen by inotify; after the
+    // first one the file turns malformed, as if edited in between.
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+    inotify
+        .add_watch(&policy_file, AddWatchFlags::IN_CLOSE_NOWRITE)
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = std::thread::spawn({
+        let (stop, policy_file) = (std::sync::Arc::clone(&stop), policy_file.clone());
+        move || {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let events = inotify.read_events().unwrap_or_default();
+                for _ in events {
+                    reads += 1;
+                    if reads == 1 {
+                        std::fs::write(&policy_file, "not-an-id\n").unwrap();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            reads
+        }
+    });
+    // Changing the inline rules replaces the tunnel.
+    let extra = "\"spiffe://example.org/extra\"";
+    let outcome = reload(
+        &server,
+        &inbound("api", in_addr, target.addr, extra, policy),
+        1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reads = watcher.join().unwrap();
+    assert!(outcome.contains("reloaded:"), "{outcome}");
+    assert_eq!(reads, 1, "the reload read the policy file {reads} times");
+    // What was checked is what is served: web, from the first read.
+    let web = ca.leaf(WEB);
+    let config = raw_client_config(Some((&web.chain_pem, &web.key_pem)));
+    assert_eq!(
+        raw_tls_roundtrip(in_addr, config, b"x").await.unwrap(),
+        b"x"
     );
 }

@@ -42,10 +42,10 @@ impl Inbound {
     }
 
     /// Serves the listener until the tunnel stops accepting.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>) {
         let tunnel = Arc::clone(&self.tunnel);
         tunnel
-            .accept_loop(listener, move |stream, addr, permit| {
+            .accept_loop(&listener, move |stream, addr, permit| {
                 Arc::clone(&self).handle(stream, addr, permit)
             })
             .await;

@@ -135,7 +135,7 @@ impl Tunnel {
 
     /// Accepts connections until `stop_accepting` fires, handing each one
     /// that fits under the connection limit to `handle` on its own task.
-    pub async fn accept_loop<F, Fut>(self: &Arc<Self>, listener: TcpListener, handle: F)
+    pub async fn accept_loop<F, Fut>(self: &Arc<Self>, listener: &TcpListener, handle: F)
     where
         F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -81,17 +81,31 @@ impl Daemon {
 
     pub fn spawn_as(args: &[&str], dir: &Path, env: &[(&str, &str)], uid: Option<u32>) -> Self {
         use std::os::unix::process::CommandExt;
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let log = dir.join(format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
-        let file = std::fs::File::create(&log).expect("create log file");
         let mut command = Command::new(binary());
         if let Some(uid) = uid {
             command.uid(uid).gid(uid);
         }
+        command.args(args).envs(env.iter().copied());
+        Self::spawn_command(command, dir)
+    }
+
+    /// [`Daemon::spawn`] of the binary at `exe` (a copy a test may swap).
+    pub fn spawn_exe(exe: &Path, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(exe);
+        command.args(args).envs(env.iter().copied());
+        Self::spawn_command(command, dir)
+    }
+
+    /// Starts `command` (a daemon, or a launcher that becomes one) with the
+    /// test's log settings, logging to a new file in `dir`.
+    pub fn spawn_command(mut command: Command, dir: &Path) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let log = dir.join(format!("daemon-{}.log", N.fetch_add(1, Ordering::Relaxed)));
+        let file = std::fs::File::create(&log).expect("create log file");
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "spiffe_tunnel=debug,info");
+        }
         let child = command
-            .args(args)
-            .env("RUST_LOG", "spiffe_tunnel=debug,info")
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -334,4 +348,68 @@ pub async fn raw_tls_roundtrip(
         ));
     }
     Ok(out)
+}
+
+/// A TLS client stopped half-way through its handshake: the server has
+/// accepted the connection, sent its whole flight and waits for ours (our
+/// certificate and Finished), so its verification and authorization of
+/// us have not run yet. [`PausedHandshake::finish`] sends the rest.
+pub struct PausedHandshake {
+    tcp: std::net::TcpStream,
+    conn: rustls::ClientConnection,
+}
+
+impl PausedHandshake {
+    /// Connects, sends the ClientHello and reads the server's flight.
+    pub fn start(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> std::io::Result<Self> {
+        use std::io::{Error, ErrorKind};
+        let mut tcp = std::net::TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let name = ServerName::try_from("spiffe-tunnel.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).map_err(Error::other)?;
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp)?;
+        }
+        // The client's second flight is queued once the server's Finished
+        // is processed: stop there, before writing it.
+        while !conn.wants_write() {
+            if conn.read_tls(&mut tcp)? == 0 {
+                return Err(Error::new(ErrorKind::UnexpectedEof, "server closed"));
+            }
+            conn.process_new_packets().map_err(Error::other)?;
+        }
+        Ok(Self { tcp, conn })
+    }
+
+    /// Sends our flight and `msg`, and returns what comes back before the
+    /// server closes (an echo target answers `msg`); a refusal is an error.
+    pub fn finish(mut self, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        use std::io::{Error, ErrorKind, Read, Write};
+        self.conn.writer().write_all(msg)?;
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.tcp)?;
+        }
+        let mut got = Vec::new();
+        while got.len() < msg.len() {
+            if self.conn.read_tls(&mut self.tcp)? == 0 {
+                break;
+            }
+            let state = self.conn.process_new_packets().map_err(Error::other)?;
+            if state.plaintext_bytes_to_read() > 0 {
+                let mut buf = vec![0u8; state.plaintext_bytes_to_read()];
+                self.conn.reader().read_exact(&mut buf)?;
+                got.extend_from_slice(&buf);
+            }
+            if state.peer_has_closed() {
+                break;
+            }
+        }
+        if got.is_empty() {
+            return Err(Error::new(
+                ErrorKind::ConnectionAborted,
+                "closed without an answer",
+            ));
+        }
+        Ok(got)
+    }
 }

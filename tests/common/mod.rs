@@ -13,4 +13,5 @@ pub mod spire;
 pub mod svid_cases;
 pub mod targets;
 pub mod traffic;
+pub mod upgrade;
 pub mod workload_tunnel;
