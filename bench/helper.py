@@ -303,7 +303,7 @@ def cmd_record(args):
 # --------------------------------------------------------------------------
 # Report
 
-PEERS = ["haproxy", "nginx", "stunnel"]
+PEERS = ["haproxy", "nginx", "stunnel", "ghostunnel"]
 OURS = "spiffe-tunnel"
 # figure key, label, higher is better, target ratio (None: reported only)
 FIGURES = [

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::IdGrant;
-use crate::spiffe_id::TrustDomain;
+use crate::spiffe_id::{SpiffeId, TrustDomain};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,6 +94,25 @@ pub enum Command {
     ///
     /// Point clients at it with --socket or SPIFFE_ENDPOINT_SOCKET. Stop it
     /// with Ctrl-C or SIGTERM; the socket file is removed on exit.
+    ///
+    /// Like SPIRE (tests/conformance.rs checks both): each --id is one SVID,
+    /// as a registration entry is, so a caller matched by two --id of one
+    /// SPIFFE ID gets two SVIDs with that ID; a federated bundle goes only to
+    /// callers holding an ID that federates with it (--federates-with, as
+    /// -federatesWith); PermissionDenied "no identity issued" and
+    /// InvalidArgument for a missing security header, with SPIRE's messages.
+    ///
+    /// Where it differs from SPIRE:
+    ///   - SVID order: command-line order, so the first --id a caller may
+    ///     have is its default; SPIRE orders by entry ID (random), so pick an
+    ///     SVID by ID (svid = ...) and not by position.
+    ///   - Renewal: at half the life from issue (--ttl / 2), so TTLs of a
+    ///     second or two work; SPIRE renews once less than half of
+    ///     NotBefore..NotAfter is left, with NotBefore 10 s in the past,
+    ///     that is (TTL - 10 s) / 2 after issue.
+    ///   - CA rotation runs by itself on --ca-ttl (next CA at 1/2, signing at
+    ///     3/4); SPIRE's is driven by its ca_ttl or `localauthority x509`.
+    ///   - No hints, no JWT-SVIDs, callers told apart by uid only.
     ///
     /// Example:
     ///   spiffe-tunnel dev-agent --socket /tmp/dev-agent/api.sock \
@@ -308,11 +327,12 @@ pub struct DevAgentArgs {
     #[arg(long, value_name = "TD", value_parser = crate::spiffe_id::parse_trust_domain)]
     pub trust_domain: TrustDomain,
 
-    /// A SPIFFE ID to issue, in the trust domain. Repeat for more; the first
-    /// is every caller's default SVID. Prefix uid:N= to give the ID only to
-    /// callers running as unix uid N (e.g. uid:1000=spiffe://example.org/api);
-    /// IDs without a prefix go to every caller. A caller entitled to no ID
-    /// gets PermissionDenied "no identity issued".
+    /// A SPIFFE ID to issue, in the trust domain: one SVID per --id, like
+    /// one SPIRE entry. Repeat for more; the first a caller may have is its
+    /// default SVID. Prefix uid:N= to give the ID only to callers running as
+    /// unix uid N (e.g. uid:1000=spiffe://example.org/api); IDs without a
+    /// prefix go to every caller. A caller entitled to no ID gets
+    /// PermissionDenied "no identity issued". The same --id twice is refused.
     #[arg(long = "id", value_name = "[uid:N=]SPIFFE_ID", required = true)]
     pub ids: Vec<IdGrant>,
 
@@ -328,9 +348,17 @@ pub struct DevAgentArgs {
     pub ca_ttl: Duration,
 
     /// Also serve the CA certificates of a federated trust domain, read once
-    /// at start from a PEM file. Repeatable.
+    /// at start from a PEM file. Repeatable. Like SPIRE, the agent sends it
+    /// only to callers holding an ID that federates with that trust domain
+    /// (--federates-with), so each --federate needs one.
     #[arg(long = "federate", value_name = "TD=BUNDLE.pem", value_parser = crate::agent::parse_federate)]
     pub federate: Vec<(TrustDomain, PathBuf)>,
+
+    /// Callers holding SPIFFE_ID also get the federated bundle of TD (given
+    /// with --federate), as a SPIRE entry with -federatesWith spiffe://TD.
+    /// Repeatable.
+    #[arg(long = "federates-with", value_name = "SPIFFE_ID=TD", value_parser = crate::agent::parse_federates_with)]
+    pub federates_with: Vec<(SpiffeId, TrustDomain)>,
 
     /// Keep the CA in this directory (ca.pem, ca.key as PKCS#8 with mode
     /// 0600, next-ca.pem during a rotation) and reuse it on the next start,

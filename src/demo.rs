@@ -74,6 +74,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         ttl: DEMO_TTL,
         ca_ttl: Duration::from_secs(24 * 3600),
         federate: Vec::new(),
+        federates_with: Vec::new(),
         ca_dir: None,
     })
     .await?;

@@ -5,16 +5,16 @@
 //! Every refusal test asserts the precise error, and most carry a positive
 //! control built the same way minus the one defect, so a test cannot pass
 //! because the fixture is broken in some other way.
+//!
+//! The chains are data, in `common/svid_cases.rs`: `tests/go_spiffe.rs`
+//! runs the very same cases through go-spiffe's verifier and compares.
 
-#[path = "common/certs.rs"]
-mod certs;
+mod common;
 
 use std::time::Duration;
 
-use certs::{
-    bundle_set, dns_san, trust_bundle, uri_san, Ca, ExtendedKeyUsagePurpose, IsCa, KeySpec,
-    KeyUsagePurpose, Leaf,
-};
+use common::certs::{self, bundle_set, Ca, Leaf};
+use common::svid_cases::{self as cases, variant, KeySpec, Spec, SvidCase};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use spiffe_tunnel::identity::x509svid::{check_leaf, check_signer, SvidRuleError};
 use spiffe_tunnel::identity::{BundleSet, IdentityError, Svid};
@@ -22,8 +22,8 @@ use spiffe_tunnel::spiffe_id::IdError;
 use spiffe_tunnel::tls::verify::{verify_svid_chain, PeerRole, VerifiedPeer, VerifyError};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-const TD: &str = "example.org";
-const WEB: &str = "spiffe://example.org/web";
+const TD: &str = cases::TD;
+const WEB: &str = cases::WEB;
 const ALL_ROLES: [PeerRole; 3] = [PeerRole::Client, PeerRole::Server, PeerRole::Any];
 
 fn verify_at(
@@ -39,24 +39,38 @@ fn verify(leaf: &Leaf, bundles: &BundleSet, role: PeerRole) -> Result<VerifiedPe
     verify_at(leaf, bundles, UnixTime::now(), role)
 }
 
-/// Verifies for every role and requires success with the leaf's own ID.
-fn assert_verifies(leaf: &Leaf, bundles: &BundleSet) {
+fn verify_case(case: &SvidCase, role: PeerRole) -> Result<VerifiedPeer, VerifyError> {
+    verify_case_at(case, UnixTime::now(), role)
+}
+
+fn verify_case_at(
+    case: &SvidCase,
+    now: UnixTime,
+    role: PeerRole,
+) -> Result<VerifiedPeer, VerifyError> {
+    verify_svid_chain(&case.chain, &case.bundle_set(), now, role)
+}
+
+/// Verifies a case for every role and requires success with its own ID.
+fn assert_case_verifies(case: &SvidCase) {
+    assert_eq!(case.spec, Spec::Valid, "{}", case.name);
     for role in ALL_ROLES {
-        match verify(leaf, bundles, role) {
-            Ok(peer) => assert_eq!(peer.id.to_string(), leaf.id, "{role:?}"),
-            Err(e) => panic!("{} refused for {role:?}: {e}", leaf.id),
+        match verify_case(case, role) {
+            Ok(peer) => assert_eq!(peer.id.to_string(), case.id, "{}: {role:?}", case.name),
+            Err(e) => panic!("{} refused for {role:?}: {e}", case.name),
         }
     }
 }
 
-/// The SVID-rule error of a leaf refused by `check_leaf` (any role).
-fn leaf_rule_error(leaf: &Leaf, bundles: &BundleSet) -> SvidRuleError {
-    let mut errors = ALL_ROLES
-        .iter()
-        .map(|&role| match verify(leaf, bundles, role) {
-            Err(VerifyError::Leaf(e)) => e,
-            other => panic!("expected VerifyError::Leaf for {role:?}, got {other:?}"),
-        });
+/// The SVID-rule error of a case refused by `check_leaf` (any role).
+fn case_rule_error(case: &SvidCase) -> SvidRuleError {
+    let mut errors = ALL_ROLES.iter().map(|&role| match verify_case(case, role) {
+        Err(VerifyError::Leaf(e)) => e,
+        other => panic!(
+            "{}: expected VerifyError::Leaf for {role:?}, got {other:?}",
+            case.name
+        ),
+    });
     let first = errors.next().unwrap();
     for other in errors {
         assert_eq!(other, first, "the leaf rules do not depend on the role");
@@ -99,14 +113,12 @@ fn provider() -> rustls::crypto::CryptoProvider {
 
 #[test]
 fn good_leaf_directly_under_root_verifies_for_every_role() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf(WEB);
-    assert_eq!(leaf.chain_der.len(), 1);
-    let bundles = ca.bundle_set();
-    assert_verifies(&leaf, &bundles);
+    let case = cases::leaf_under_root();
+    assert_eq!(case.chain.len(), 1);
+    assert_case_verifies(&case);
 
-    let peer = verify(&leaf, &bundles, PeerRole::Client).unwrap();
-    let facts = check_leaf(leaf.leaf_der()).unwrap();
+    let peer = verify_case(&case, PeerRole::Client).unwrap();
+    let facts = check_leaf(case.leaf_der()).unwrap();
     assert_eq!(peer.id.trust_domain().as_str(), TD);
     assert_eq!(peer.id.path(), "/web");
     assert_eq!(peer.serial, facts.serial);
@@ -115,64 +127,51 @@ fn good_leaf_directly_under_root_verifies_for_every_role() {
 
 #[test]
 fn good_leaf_via_intermediate_verifies_for_every_role() {
-    let root = Ca::new(TD);
-    let intermediate = root.intermediate();
-    let leaf = intermediate.leaf("spiffe://example.org/ns/prod/sa/api");
-    assert_eq!(leaf.chain_der.len(), 2);
-    assert_eq!(&leaf.chain_der[1], intermediate.cert_der());
-    assert_verifies(&leaf, &root.bundle_set());
+    let (case, intermediate) = cases::leaf_via_intermediate();
+    assert_eq!(case.chain.len(), 2);
+    assert_eq!(&case.chain[1], intermediate.cert_der());
+    assert_case_verifies(&case);
 }
 
 #[test]
 fn good_leaf_via_two_intermediates_verifies() {
-    let root = Ca::new(TD);
-    let leaf = root.intermediate().intermediate().leaf(WEB);
-    assert_eq!(leaf.chain_der.len(), 3);
-    assert_verifies(&leaf, &root.bundle_set());
+    let case = cases::leaf_via_two_intermediates();
+    assert_eq!(case.chain.len(), 3);
+    assert_case_verifies(&case);
 }
 
 #[test]
 fn leaf_via_intermediate_without_the_intermediate_is_untrusted() {
-    let root = Ca::new(TD);
-    let leaf = root.intermediate().leaf(WEB);
-    let bare = Leaf {
-        chain_der: leaf.chain_der[..1].to_vec(),
-        ..leaf.clone()
-    };
-    assert_verifies(&leaf, &root.bundle_set());
-    untrusted_reason(verify(&bare, &root.bundle_set(), PeerRole::Any), WEB, TD);
+    let cases = cases::intermediate_not_sent();
+    assert_case_verifies(variant(&cases, "sent"));
+    let bare = variant(&cases, "bare");
+    assert_eq!(bare.chain.len(), 1);
+    untrusted_reason(verify_case(bare, PeerRole::Any), WEB, TD);
 }
 
 #[test]
 fn rsa_2048_leaf_is_accepted() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf_builder(WEB).key(KeySpec::Rsa(2048)).build();
-    assert_eq!(spki_algorithm(leaf.leaf_der()), "1.2.840.113549.1.1.1");
-    assert_verifies(&leaf, &ca.bundle_set());
+    let case = cases::leaf_with_key("rsa-2048-leaf", KeySpec::Rsa(2048));
+    assert_eq!(spki_algorithm(case.leaf_der()), "1.2.840.113549.1.1.1");
+    assert_case_verifies(&case);
 }
 
 #[test]
 fn p384_and_ed25519_leaves_are_accepted() {
-    let ca = Ca::new(TD);
     for key in [KeySpec::EcdsaP384, KeySpec::Ed25519] {
-        let leaf = ca.leaf_builder(WEB).key(key).build();
-        assert_verifies(&leaf, &ca.bundle_set());
+        assert_case_verifies(&cases::leaf_with_key("leaf", key));
     }
 }
 
 #[test]
 fn either_ca_of_a_rotating_bundle_verifies_its_leaves() {
-    let old = Ca::new(TD);
-    let new = Ca::new(TD);
-    let bundles = bundle_set([trust_bundle(TD, &[&old, &new])]);
-    assert_verifies(&old.leaf(WEB), &bundles);
-    assert_verifies(&new.leaf(WEB), &bundles);
-    assert_verifies(&new.intermediate().leaf(WEB), &bundles);
-
+    let cases = cases::rotating_bundle();
+    for name in ["old-ca", "new-ca", "new-ca-intermediate"] {
+        assert_case_verifies(variant(&cases, name));
+    }
     // Control: a third CA of the same domain is not in the bundle.
-    let stranger = Ca::new(TD);
     untrusted_reason(
-        verify(&stranger.leaf(WEB), &bundles, PeerRole::Any),
+        verify_case(variant(&cases, "stranger"), PeerRole::Any),
         WEB,
         TD,
     );
@@ -183,14 +182,8 @@ fn either_ca_of_a_rotating_bundle_verifies_its_leaves() {
 
 #[test]
 fn leaf_that_is_a_ca_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .basic_constraints(IsCa::Ca(certs::BasicConstraints::Unconstrained))
-        .key_usages(vec![KeyUsagePurpose::DigitalSignature])
-        .build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_is_ca()),
         SvidRuleError::LeafIsCa
     );
 }
@@ -198,67 +191,52 @@ fn leaf_that_is_a_ca_is_refused() {
 #[test]
 fn leaf_without_basic_constraints_is_accepted() {
     // CA:false may be implied by leaving the extension out.
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf_builder(WEB).basic_constraints(IsCa::NoCa).build();
-    assert_verifies(&leaf, &ca.bundle_set());
+    assert_case_verifies(&cases::leaf_without_basic_constraints());
 }
 
 #[test]
 fn leaf_without_digital_signature_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .key_usages(vec![
-            KeyUsagePurpose::KeyEncipherment,
-            KeyUsagePurpose::KeyAgreement,
-        ])
-        .build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_without_digital_signature()),
         SvidRuleError::LeafNoDigitalSignature
     );
 }
 
 #[test]
 fn leaf_with_key_cert_sign_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .key_usages(vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyCertSign,
-        ])
-        .build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_with_key_cert_sign()),
         SvidRuleError::LeafKeyCertSign
     );
 }
 
 #[test]
 fn leaf_with_crl_sign_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .key_usages(vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::CrlSign,
-        ])
-        .build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_with_crl_sign()),
         SvidRuleError::LeafCrlSign
     );
 }
 
 #[test]
 fn leaf_without_key_usage_extension_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf_builder(WEB).key_usages(vec![]).build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_without_key_usage()),
         SvidRuleError::LeafNoKeyUsage
     );
+}
+
+#[test]
+fn leaf_with_a_key_usage_not_marked_critical_is_accepted() {
+    // X509-SVID 4.3 asks issuers to mark it critical; validators are not
+    // asked to check, and neither spiffe-tunnel nor go-spiffe does.
+    let case = cases::leaf_with_non_critical_key_usage();
+    let (_, cert) = X509Certificate::from_der(case.leaf_der()).unwrap();
+    let ku = cert.key_usage().unwrap().expect("key usage");
+    assert!(!ku.critical && ku.value.digital_signature());
+    for role in ALL_ROLES {
+        assert_eq!(verify_case(&case, role).unwrap().id.to_string(), WEB);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -266,90 +244,76 @@ fn leaf_without_key_usage_extension_is_refused() {
 
 #[test]
 fn leaf_with_only_a_dns_san_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .sans(vec![dns_san("web.example.org")])
-        .build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_with_only_a_dns_san()),
         SvidRuleError::NoUriSan
     );
 }
 
 #[test]
 fn leaf_without_any_san_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf_builder(WEB).sans(vec![]).build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_without_any_san()),
         SvidRuleError::NoUriSan
     );
 }
 
 #[test]
 fn leaf_with_a_dns_san_beside_its_uri_san_is_accepted() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .sans(vec![dns_san("web.example.org"), uri_san(WEB)])
-        .build();
-    assert_verifies(&leaf, &ca.bundle_set());
+    assert_case_verifies(&cases::leaf_with_dns_and_uri_sans());
 }
 
 #[test]
 fn leaf_with_two_uri_sans_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .uri_sans(&[WEB, "spiffe://example.org/db"])
-        .build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::leaf_with_two_uri_sans()),
         SvidRuleError::ManyUriSans(2)
     );
 }
 
+/// The `BadId` reason of a leaf refused for its URI SAN.
+fn bad_id_reason(case: &SvidCase) -> IdError {
+    match case_rule_error(case) {
+        SvidRuleError::BadId { uri, reason } => {
+            assert_eq!(uri, case.id);
+            reason
+        }
+        other => panic!("{}: expected BadId, got {other:?}", case.name),
+    }
+}
+
 #[test]
 fn leaf_with_an_https_uri_san_is_refused() {
-    let ca = Ca::new(TD);
-    let uri = "https://example.org/web";
-    let leaf = ca.leaf_builder(uri).build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
-        SvidRuleError::BadId {
-            uri: uri.into(),
-            reason: IdError::Scheme
-        }
+        bad_id_reason(&cases::leaf_with_an_https_uri()),
+        IdError::Scheme
     );
 }
 
 #[test]
 fn leaf_with_a_root_id_is_refused() {
-    let ca = Ca::new(TD);
-    let uri = "spiffe://example.org";
-    let leaf = ca.leaf_builder(uri).build();
-    assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
-        SvidRuleError::BadId {
-            uri: uri.into(),
-            reason: IdError::RootId(uri.into())
-        }
-    );
+    let case = cases::leaf_with_a_root_id();
+    assert_eq!(bad_id_reason(&case), IdError::RootId(case.id.clone()));
 }
 
 #[test]
 fn leaf_with_an_upper_case_trust_domain_is_refused() {
-    let ca = Ca::new(TD);
-    let uri = "spiffe://Example.org/web";
-    let leaf = ca.leaf_builder(uri).build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
-        SvidRuleError::BadId {
-            uri: uri.into(),
-            reason: IdError::UpperCaseTrustDomain
-        }
+        bad_id_reason(&cases::leaf_with_an_upper_case_trust_domain()),
+        IdError::UpperCaseTrustDomain
     );
+}
+
+#[test]
+fn leaf_with_a_dot_segment_or_a_port_is_refused() {
+    for case in [cases::leaf_with_a_dot_segment(), cases::leaf_with_a_port()] {
+        let reason = bad_id_reason(&case);
+        assert!(
+            spiffe_tunnel::spiffe_id::parse_workload_id(&case.id).is_err_and(|e| e == reason),
+            "{}: {reason:?}",
+            case.name
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -357,44 +321,41 @@ fn leaf_with_an_upper_case_trust_domain_is_refused() {
 
 #[test]
 fn ca_of_one_trust_domain_cannot_vouch_for_another() {
-    let ca_a = Ca::new("example.org");
-    let ca_b = Ca::new("other.org");
-    let bundles = bundle_set([ca_a.trust_bundle(), ca_b.trust_bundle()]);
-    let id_b = "spiffe://other.org/web";
-
+    let cases = cases::cross_domain();
     // Controls: each CA vouches for its own domain in this bundle set.
-    assert_verifies(&ca_a.leaf(WEB), &bundles);
-    assert_verifies(&ca_b.leaf(id_b), &bundles);
+    assert_case_verifies(variant(&cases, "a-own"));
+    assert_case_verifies(variant(&cases, "b-own"));
 
-    let forged = ca_a.leaf(id_b);
+    let forged = variant(&cases, "a-signs-b");
     for role in ALL_ROLES {
-        untrusted_reason(verify(&forged, &bundles, role), id_b, "other.org");
+        untrusted_reason(
+            verify_case(forged, role),
+            "spiffe://other.org/web",
+            "other.org",
+        );
     }
 }
 
 #[test]
 fn foreign_ca_sent_as_intermediate_cannot_vouch_for_another_domain() {
-    let root_a = Ca::new("example.org");
-    let ca_b = Ca::new("other.org");
-    let bundles = bundle_set([root_a.trust_bundle(), ca_b.trust_bundle()]);
-    let id_b = "spiffe://other.org/web";
-
-    let intermediate_a = root_a.intermediate();
-    assert_verifies(&intermediate_a.leaf(WEB), &bundles);
-
+    let cases = cases::foreign_ca_as_intermediate();
+    assert_case_verifies(variant(&cases, "control"));
     // The chain carries A's intermediate and A's root, all valid signers.
-    let mut forged = intermediate_a.leaf(id_b);
-    forged.chain_der.push(root_a.cert_der().clone());
-    untrusted_reason(verify(&forged, &bundles, PeerRole::Any), id_b, "other.org");
+    let forged = variant(&cases, "forged");
+    assert_eq!(forged.chain.len(), 3);
+    untrusted_reason(
+        verify_case(forged, PeerRole::Any),
+        "spiffe://other.org/web",
+        "other.org",
+    );
 }
 
 #[test]
 fn id_of_a_trust_domain_without_bundle_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf("spiffe://unknown.org/web");
+    let case = cases::trust_domain_without_bundle();
     for role in ALL_ROLES {
         assert_eq!(
-            verify(&leaf, &ca.bundle_set(), role),
+            verify_case(&case, role),
             Err(VerifyError::NoBundle {
                 id: "spiffe://unknown.org/web".into(),
                 trust_domain: "unknown.org".into(),
@@ -414,8 +375,7 @@ fn no_bundles_at_all_is_no_bundle() {
 
 #[test]
 fn rogue_ca_with_the_trusted_subject_is_untrusted() {
-    let trusted = Ca::new(TD);
-    let rogue = Ca::new(TD);
+    let (cases, trusted, rogue) = cases::rogue_ca();
     // Same name and key type; only the key differs.
     assert_eq!(
         subject_raw(trusted.cert_der()),
@@ -427,16 +387,14 @@ fn rogue_ca_with_the_trusted_subject_is_untrusted() {
     );
     assert_ne!(trusted.cert_der(), rogue.cert_der());
 
-    let bundles = trusted.bundle_set();
-    assert_verifies(&trusted.leaf(WEB), &bundles);
-    let forged = rogue.leaf(WEB);
+    assert_case_verifies(variant(&cases, "control"));
     for role in ALL_ROLES {
-        untrusted_reason(verify(&forged, &bundles, role), WEB, TD);
+        untrusted_reason(verify_case(variant(&cases, "forged"), role), WEB, TD);
     }
     // Sending the rogue root along does not help.
-    let mut with_root = forged.clone();
-    with_root.chain_der.push(rogue.cert_der().clone());
-    untrusted_reason(verify(&with_root, &bundles, PeerRole::Any), WEB, TD);
+    let with_root = variant(&cases, "forged-with-root");
+    assert_eq!(&with_root.chain[1], rogue.cert_der());
+    untrusted_reason(verify_case(with_root, PeerRole::Any), WEB, TD);
 }
 
 // ---------------------------------------------------------------------------
@@ -444,44 +402,42 @@ fn rogue_ca_with_the_trusted_subject_is_untrusted() {
 
 #[test]
 fn expired_leaf_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf(WEB);
-    let bundles = ca.bundle_set();
+    let case = cases::leaf_under_root();
     // Control: valid until LEAF_TTL from now.
     let almost = certs::unix_time_in(certs::LEAF_TTL - Duration::from_secs(60));
-    assert!(verify_at(&leaf, &bundles, almost, PeerRole::Any).is_ok());
+    assert!(verify_case_at(&case, almost, PeerRole::Any).is_ok());
 
     let later = certs::unix_time_in(certs::LEAF_TTL + Duration::from_secs(60));
     for role in ALL_ROLES {
-        let reason = untrusted_reason(verify_at(&leaf, &bundles, later, role), WEB, TD);
+        let reason = untrusted_reason(verify_case_at(&case, later, role), WEB, TD);
         assert!(reason.contains("expired"), "{reason}");
     }
 }
 
 #[test]
 fn not_yet_valid_leaf_is_refused() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf(WEB);
-    let bundles = ca.bundle_set();
+    let case = cases::leaf_under_root();
     let earlier = certs::unix_time_ago(Duration::from_secs(600));
     for role in ALL_ROLES {
-        let reason = untrusted_reason(verify_at(&leaf, &bundles, earlier, role), WEB, TD);
+        let reason = untrusted_reason(verify_case_at(&case, earlier, role), WEB, TD);
         assert!(reason.contains("not valid yet"), "{reason}");
     }
+    // Made to start in an hour, it is refused now.
+    let reason = untrusted_reason(
+        verify_case(&cases::leaf_built_not_yet_valid(), PeerRole::Any),
+        WEB,
+        TD,
+    );
+    assert!(reason.contains("not valid yet"), "{reason}");
 }
 
 #[test]
 fn leaf_built_expired_is_refused_now() {
-    let ca = Ca::new(TD);
-    let now = certs::now();
-    let leaf = ca
-        .leaf_builder(WEB)
-        .validity(
-            now - Duration::from_secs(7200),
-            now - Duration::from_secs(3600),
-        )
-        .build();
-    let reason = untrusted_reason(verify(&leaf, &ca.bundle_set(), PeerRole::Any), WEB, TD);
+    let reason = untrusted_reason(
+        verify_case(&cases::leaf_built_expired(), PeerRole::Any),
+        WEB,
+        TD,
+    );
     assert!(reason.contains("expired"), "{reason}");
 }
 
@@ -490,13 +446,11 @@ fn leaf_built_expired_is_refused_now() {
 
 #[test]
 fn intermediate_that_is_not_a_ca_is_refused() {
-    let root = Ca::new(TD);
-    let intermediate = root.intermediate_with(|p| p.is_ca = IsCa::ExplicitNoCa);
-    let leaf = intermediate.leaf(WEB);
+    let case = cases::intermediate_not_a_ca();
     for role in ALL_ROLES {
         assert!(
             matches!(
-                verify(&leaf, &root.bundle_set(), role),
+                verify_case(&case, role),
                 Err(VerifyError::Signer {
                     index: 1,
                     source: SvidRuleError::SignerNotCa { .. }
@@ -509,15 +463,11 @@ fn intermediate_that_is_not_a_ca_is_refused() {
 
 #[test]
 fn intermediate_without_key_cert_sign_is_refused() {
-    let root = Ca::new(TD);
-    let intermediate = root.intermediate_with(|p| {
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign]
-    });
-    let leaf = intermediate.leaf(WEB);
+    let case = cases::intermediate_without_key_cert_sign();
     for role in ALL_ROLES {
         assert!(
             matches!(
-                verify(&leaf, &root.bundle_set(), role),
+                verify_case(&case, role),
                 Err(VerifyError::Signer {
                     index: 1,
                     source: SvidRuleError::SignerNoKeyCertSign { .. }
@@ -530,18 +480,27 @@ fn intermediate_without_key_cert_sign_is_refused() {
 
 #[test]
 fn bad_second_intermediate_is_reported_by_its_chain_index() {
-    let root = Ca::new(TD);
-    let leaf = root
-        .intermediate_with(|p| p.key_usages = vec![KeyUsagePurpose::CrlSign])
-        .intermediate()
-        .leaf(WEB);
     assert!(matches!(
-        verify(&leaf, &root.bundle_set(), PeerRole::Any),
+        verify_case(&cases::bad_second_intermediate(), PeerRole::Any),
         Err(VerifyError::Signer {
             index: 2,
             source: SvidRuleError::SignerNoKeyCertSign { .. }
         })
     ));
+}
+
+#[test]
+fn a_path_longer_than_the_roots_path_length_is_refused() {
+    let case = cases::path_length_exceeded();
+    let reason = untrusted_reason(verify_case(&case, PeerRole::Any), WEB, TD);
+    assert!(reason.contains("path length"), "{reason}");
+}
+
+#[test]
+fn a_path_length_in_the_root_certificate_is_not_enforced() {
+    // The bundle's roots are trust anchors: name and key. webpki, like RFC
+    // 5280 6.1.1, does not apply the constraints of their certificates.
+    assert_case_verifies(&cases::root_path_length_exceeded());
 }
 
 #[test]
@@ -572,10 +531,8 @@ fn check_signer_and_check_leaf_tell_cas_from_leaves() {
 
 #[test]
 fn rsa_1024_leaf_is_refused_as_weak() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf_builder(WEB).key(KeySpec::Rsa(1024)).build();
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(&cases::rsa_1024_leaf()),
         SvidRuleError::WeakRsaKey {
             which: "leaf".into(),
             bits: 1024
@@ -585,13 +542,11 @@ fn rsa_1024_leaf_is_refused_as_weak() {
 
 #[test]
 fn sha1_signed_leaf_is_refused_as_weak() {
-    let ca = Ca::new(TD);
+    let cases = cases::openssl_signed_leaves();
     // Control: the same openssl path with SHA-256 makes a good SVID.
-    assert_verifies(&ca.leaf_signed_by_openssl(WEB, "sha256"), &ca.bundle_set());
-
-    let leaf = ca.leaf_signed_by_openssl(WEB, "sha1");
+    assert_case_verifies(variant(&cases, "sha256"));
     assert_eq!(
-        leaf_rule_error(&leaf, &ca.bundle_set()),
+        case_rule_error(variant(&cases, "sha1")),
         SvidRuleError::WeakSignature {
             which: "leaf".into(),
             algorithm: "ecdsa-with-SHA1"
@@ -604,53 +559,33 @@ fn sha1_signed_leaf_is_refused_as_weak() {
 
 #[test]
 fn server_auth_only_leaf_is_a_server_not_a_client() {
-    let ca = Ca::new(TD);
-    let bundles = ca.bundle_set();
-    let leaf = ca
-        .leaf_builder(WEB)
-        .extended_key_usages(vec![ExtendedKeyUsagePurpose::ServerAuth])
-        .build();
+    let case = cases::server_auth_only_leaf();
     assert_eq!(
-        verify(&leaf, &bundles, PeerRole::Server)
-            .unwrap()
-            .id
-            .to_string(),
+        verify_case(&case, PeerRole::Server).unwrap().id.to_string(),
         WEB
     );
-    assert!(verify(&leaf, &bundles, PeerRole::Any).is_ok());
-    let reason = untrusted_reason(verify(&leaf, &bundles, PeerRole::Client), WEB, TD);
+    assert!(verify_case(&case, PeerRole::Any).is_ok());
+    let reason = untrusted_reason(verify_case(&case, PeerRole::Client), WEB, TD);
     assert!(reason.contains("extended key usage"), "{reason}");
 }
 
 #[test]
 fn client_auth_only_leaf_is_a_client_not_a_server() {
-    let ca = Ca::new(TD);
-    let bundles = ca.bundle_set();
-    let leaf = ca
-        .leaf_builder(WEB)
-        .extended_key_usages(vec![ExtendedKeyUsagePurpose::ClientAuth])
-        .build();
+    let case = cases::client_auth_only_leaf();
     assert_eq!(
-        verify(&leaf, &bundles, PeerRole::Client)
-            .unwrap()
-            .id
-            .to_string(),
+        verify_case(&case, PeerRole::Client).unwrap().id.to_string(),
         WEB
     );
-    assert!(verify(&leaf, &bundles, PeerRole::Any).is_ok());
-    let reason = untrusted_reason(verify(&leaf, &bundles, PeerRole::Server), WEB, TD);
+    assert!(verify_case(&case, PeerRole::Any).is_ok());
+    let reason = untrusted_reason(verify_case(&case, PeerRole::Server), WEB, TD);
     assert!(reason.contains("extended key usage"), "{reason}");
 }
 
 #[test]
 fn leaf_with_an_unrelated_eku_is_refused_for_every_role() {
-    let ca = Ca::new(TD);
-    let leaf = ca
-        .leaf_builder(WEB)
-        .extended_key_usages(vec![ExtendedKeyUsagePurpose::CodeSigning])
-        .build();
+    let case = cases::code_signing_only_leaf();
     for role in ALL_ROLES {
-        let reason = untrusted_reason(verify(&leaf, &ca.bundle_set(), role), WEB, TD);
+        let reason = untrusted_reason(verify_case(&case, role), WEB, TD);
         assert!(reason.contains("extended key usage"), "{role:?}: {reason}");
     }
 }
@@ -658,9 +593,7 @@ fn leaf_with_an_unrelated_eku_is_refused_for_every_role() {
 #[test]
 fn leaf_without_eku_extension_is_accepted_for_every_role() {
     // The EKU is checked only when the leaf has the extension.
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf_builder(WEB).extended_key_usages(vec![]).build();
-    assert_verifies(&leaf, &ca.bundle_set());
+    assert_case_verifies(&cases::leaf_without_eku());
 }
 
 // ---------------------------------------------------------------------------
@@ -679,43 +612,48 @@ fn empty_chain_is_no_certificate() {
 
 #[test]
 fn garbage_leaf_is_malformed() {
-    let ca = Ca::new(TD);
-    let garbage = CertificateDer::from(b"\x30\x82\x01\x00 definitely not a certificate".to_vec());
     assert!(matches!(
-        verify_svid_chain(&[garbage], &ca.bundle_set(), UnixTime::now(), PeerRole::Any),
+        verify_case(&cases::garbage_leaf(), PeerRole::Any),
         Err(VerifyError::Leaf(SvidRuleError::Malformed(_)))
     ));
 }
 
 #[test]
 fn leaf_with_trailing_bytes_is_malformed() {
-    let ca = Ca::new(TD);
-    let leaf = ca.leaf(WEB);
-    let mut bytes = leaf.leaf_der().to_vec();
-    bytes.push(0);
     assert!(matches!(
-        verify_svid_chain(
-            &[CertificateDer::from(bytes)],
-            &ca.bundle_set(),
-            UnixTime::now(),
-            PeerRole::Any
-        ),
+        verify_case(&cases::leaf_with_trailing_bytes(), PeerRole::Any),
         Err(VerifyError::Leaf(SvidRuleError::Malformed(_)))
     ));
 }
 
 #[test]
 fn garbage_intermediate_is_a_malformed_signer() {
-    let root = Ca::new(TD);
-    let mut leaf = root.intermediate().leaf(WEB);
-    leaf.chain_der[1] = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
     assert!(matches!(
-        verify(&leaf, &root.bundle_set(), PeerRole::Any),
+        verify_case(&cases::garbage_intermediate(), PeerRole::Any),
         Err(VerifyError::Signer {
             index: 1,
             source: SvidRuleError::Malformed(_)
         })
     ));
+}
+
+// ---------------------------------------------------------------------------
+// Every case against its spec verdict
+
+#[test]
+fn no_case_the_spec_refuses_is_accepted() {
+    for case in cases::all() {
+        if let Spec::MustReject(rule) = case.spec {
+            for role in ALL_ROLES {
+                if let Ok(peer) = verify_case(&case, role) {
+                    panic!(
+                        "{} accepted as {} for {role:?}; the spec refuses it ({rule})",
+                        case.name, peer.id
+                    );
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -805,17 +743,11 @@ fn leaf_with_a_weak_or_unsupported_ec_curve_is_refused() {
     // webpki never looks at the leaf's own key during path validation, so
     // the curve check in the leaf rules is all that stops a P-192 or
     // secp256k1 leaf from passing verify_svid_chain (and `verify`).
-    let ca = Ca::new(TD);
+    let cases = cases::leaves_on_curves();
     // Control: the same openssl path with P-256 verifies.
-    let p256 = certs::openssl_ec_key_pem("prime256v1");
-    assert_verifies(
-        &ca.leaf_signed_by_openssl_with_key(WEB, "sha256", &p256),
-        &ca.bundle_set(),
-    );
+    assert_case_verifies(variant(&cases, "prime256v1"));
     for curve in ["prime192v1", "secp224r1", "secp256k1"] {
-        let key = certs::openssl_ec_key_pem(curve);
-        let leaf = ca.leaf_signed_by_openssl_with_key(WEB, "sha256", &key);
-        let result = verify(&leaf, &ca.bundle_set(), PeerRole::Any);
+        let result = verify_case(variant(&cases, curve), PeerRole::Any);
         // Refused by the leaf rules (UnsupportedKey or a new weak-key
         // variant), not later by a generic path-validation error.
         assert!(

@@ -6,8 +6,14 @@
 //! It behaves like a SPIRE agent as far as a Workload API client can tell:
 //! SPIRE-shaped X509-SVIDs, rotation at half life pushed on open streams,
 //! SPIRE-style CA rotation with overlap, the security header, SPIRE's error
-//! statuses and messages. That is what makes it a faithful stand-in for the
-//! tests of our own client and for `spiffe-tunnel demo`.
+//! statuses and messages, one SVID per `--id` (as SPIRE sends one per
+//! matching entry, two entries with one SPIFFE ID included), and federated
+//! bundles only for callers holding an ID that federates with them (as
+//! SPIRE's `-federatesWith`). That is what makes it a faithful stand-in for
+//! the tests of our own client and for `spiffe-tunnel demo`;
+//! `tests/conformance.rs` runs the same checks against it and real SPIRE.
+//! Where it still differs from SPIRE (SVID order, renewal time, hints), the
+//! `dev-agent --help` text and the README say how.
 //!
 //! Files:
 //! * `mod.rs` (this file) — configuration, errors, and the [`DevAgent`]
@@ -98,6 +104,10 @@ pub enum AgentError {
     },
     #[error("--federate {0}: {1}")]
     FederateConflict(String, &'static str),
+    #[error("bad --federates-with {arg:?}: {reason}")]
+    BadFederatesWith { arg: String, reason: String },
+    #[error("--federate {0}: no --federates-with SPIFFE_ID={0} names it; like SPIRE, the dev agent gives a federated bundle only to callers holding an ID that federates with its trust domain")]
+    FederatedToNobody(String),
     #[error("--ca-dir {path}: {reason}")]
     CaDir { path: PathBuf, reason: String },
     #[error("socket {path}: {what}: {source}")]
@@ -135,6 +145,8 @@ impl AgentError {
                 | Self::FederateRead { .. }
                 | Self::FederateBundle { .. }
                 | Self::FederateConflict(..)
+                | Self::BadFederatesWith { .. }
+                | Self::FederatedToNobody(..)
                 | Self::CaDir { .. }
         )
     }
@@ -206,7 +218,8 @@ pub struct DevAgentConfig {
     /// The Unix socket to serve on.
     pub socket: PathBuf,
     pub trust_domain: TrustDomain,
-    /// The identities to issue; the first is every caller's default.
+    /// The identities to issue, one SVID each; the first a caller may have
+    /// is its default.
     pub ids: Vec<IdGrant>,
     /// SVID lifetime; each SVID is renewed at half of it.
     pub ttl: Duration,
@@ -214,6 +227,9 @@ pub struct DevAgentConfig {
     pub ca_ttl: Duration,
     /// Federated trust domains and PEM files of their CA certificates.
     pub federate: Vec<(TrustDomain, PathBuf)>,
+    /// Which IDs federate with which of those trust domains: a caller gets
+    /// a federated bundle only when one of its IDs federates with it.
+    pub federates_with: Vec<(SpiffeId, TrustDomain)>,
     /// Where to keep the CA across restarts, shared by agents using it.
     pub ca_dir: Option<PathBuf>,
 }
@@ -229,6 +245,7 @@ impl DevAgentConfig {
             ttl: DEFAULT_TTL,
             ca_ttl: DEFAULT_CA_TTL,
             federate: Vec::new(),
+            federates_with: Vec::new(),
             ca_dir: None,
         }
     }
@@ -237,7 +254,15 @@ impl DevAgentConfig {
         if self.ids.is_empty() {
             return Err(AgentError::NoIds);
         }
-        for grant in &self.ids {
+        for (i, grant) in self.ids.iter().enumerate() {
+            if self.ids[..i].contains(grant) {
+                return Err(AgentError::BadGrant {
+                    arg: grant.to_string(),
+                    reason: "given twice (SPIRE refuses a second entry with the same SPIFFE ID \
+                             and selectors, too)"
+                        .into(),
+                });
+            }
             if grant.id.trust_domain() != &self.trust_domain {
                 return Err(AgentError::ForeignId {
                     id: grant.id.to_string(),
@@ -266,28 +291,51 @@ impl DevAgentConfig {
                     "given more than once",
                 ));
             }
+            if !self.federates_with.iter().any(|(_, with)| with == td) {
+                return Err(AgentError::FederatedToNobody(td.to_string()));
+            }
+        }
+        for (i, (id, td)) in self.federates_with.iter().enumerate() {
+            let arg = format!("{id}={td}");
+            let bad = |reason: String| AgentError::BadFederatesWith {
+                arg: arg.clone(),
+                reason,
+            };
+            if !self.ids.iter().any(|grant| &grant.id == id) {
+                return Err(bad(format!("no --id issues {id}")));
+            }
+            if !self.federate.iter().any(|(known, _)| known == td) {
+                return Err(bad(format!(
+                    "no --federate {td}=BUNDLE.pem gives the agent that bundle"
+                )));
+            }
+            if self.federates_with[..i].contains(&(id.clone(), td.clone())) {
+                return Err(bad("given more than once".into()));
+            }
         }
         Ok(())
     }
 
-    /// Distinct SPIFFE IDs in command-line order, and which caller may
-    /// have which.
+    /// The SPIFFE ID of each SVID to issue (one per `--id`, in
+    /// command-line order, so an ID given for two callers gets two SVIDs,
+    /// as SPIRE issues one per entry), and which caller may have which.
     fn ids_and_grants(&self) -> (Vec<SpiffeId>, Vec<Grant>) {
-        let mut ids: Vec<SpiffeId> = Vec::new();
-        let mut grants = Vec::new();
-        for grant in &self.ids {
-            let svid = match ids.iter().position(|id| id == &grant.id) {
-                Some(i) => i,
-                None => {
-                    ids.push(grant.id.clone());
-                    ids.len() - 1
-                }
-            };
-            grants.push(Grant {
+        let ids = self.ids.iter().map(|grant| grant.id.clone()).collect();
+        let grants = self
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(svid, grant)| Grant {
                 uid: grant.uid,
                 svid,
-            });
-        }
+                federated: self
+                    .federates_with
+                    .iter()
+                    .filter(|(id, _)| id == &grant.id)
+                    .map(|(_, td)| format!("spiffe://{td}"))
+                    .collect(),
+            })
+            .collect();
         (ids, grants)
     }
 }
@@ -301,6 +349,7 @@ impl From<crate::cli::DevAgentArgs> for DevAgentConfig {
             ttl: args.ttl,
             ca_ttl: args.ca_ttl,
             federate: args.federate,
+            federates_with: args.federates_with,
             ca_dir: args.ca_dir,
         }
     }
@@ -380,6 +429,20 @@ pub fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf), AgentError> {
         });
     }
     Ok((td, PathBuf::from(path)))
+}
+
+/// Parses `--federates-with SPIFFE_ID=TD`.
+pub fn parse_federates_with(s: &str) -> Result<(SpiffeId, TrustDomain), AgentError> {
+    let bad = |reason: String| AgentError::BadFederatesWith {
+        arg: s.to_string(),
+        reason,
+    };
+    let (id, td) = s
+        .split_once('=')
+        .ok_or_else(|| bad("expected SPIFFE_ID=TRUST_DOMAIN".into()))?;
+    let id = parse_workload_id(id).map_err(|e| bad(e.to_string()))?;
+    let td = parse_trust_domain(td).map_err(|e| bad(e.to_string()))?;
+    Ok((id, td))
 }
 
 /// Reads each federated bundle once, validating it as a set of trust
@@ -516,8 +579,9 @@ impl DevAgent {
         self.state.borrow().bundle_pem.clone()
     }
 
-    /// Each SPIFFE ID the agent issues (once, in command-line order) with
-    /// the serial of its current SVID: lower-case hex, no leading zeros.
+    /// The SPIFFE ID of each SVID the agent issues (one per `--id`, in
+    /// command-line order) with the serial of the current one: lower-case
+    /// hex, no leading zeros.
     pub fn current_serials(&self) -> Vec<(SpiffeId, String)> {
         self.state
             .borrow()
@@ -730,7 +794,9 @@ mod tests {
         let mut c = base.clone();
         let partner = parse_trust_domain("partner.org").unwrap();
         c.federate.push((partner.clone(), "/a.pem".into()));
-        c.federate.push((partner, "/b.pem".into()));
+        c.federate.push((partner.clone(), "/b.pem".into()));
+        c.federates_with
+            .push(("spiffe://example.org/a".parse().unwrap(), partner));
         assert!(matches!(
             c.validate(),
             Err(AgentError::FederateConflict(..))
@@ -738,9 +804,9 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_issued_once_and_granted_per_uid() {
+    fn each_id_gets_its_own_svid_and_its_federations() {
         let id = |s: &str| s.parse::<IdGrant>().unwrap();
-        let c = DevAgentConfig::new(
+        let mut c = DevAgentConfig::new(
             "/tmp/x.sock".into(),
             td(),
             vec![
@@ -749,10 +815,97 @@ mod tests {
                 id("uid:1001=spiffe://example.org/a"),
             ],
         );
+        let partner = parse_trust_domain("partner.org").unwrap();
+        c.federate.push((partner.clone(), "/p.pem".into()));
+        c.federates_with
+            .push(("spiffe://example.org/a".parse().unwrap(), partner));
+        assert!(c.validate().is_ok());
         let (ids, grants) = c.ids_and_grants();
-        assert_eq!(ids.len(), 2);
-        assert_eq!(ids[0].to_string(), "spiffe://example.org/a");
-        let pairs: Vec<_> = grants.iter().map(|g| (g.uid, g.svid)).collect();
-        assert_eq!(pairs, vec![(Some(1000), 0), (None, 1), (Some(1001), 0)]);
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://example.org/a",
+                "spiffe://example.org/b",
+                "spiffe://example.org/a"
+            ]
+        );
+        let pairs: Vec<_> = grants
+            .iter()
+            .map(|g| (g.uid, g.svid, g.federated.clone()))
+            .collect();
+        let fed = vec!["spiffe://partner.org".to_string()];
+        assert_eq!(
+            pairs,
+            vec![
+                (Some(1000), 0, fed.clone()),
+                (None, 1, vec![]),
+                (Some(1001), 2, fed)
+            ]
+        );
+    }
+
+    #[test]
+    fn federation_and_duplicate_grants_are_validated() {
+        let id = |s: &str| s.parse::<IdGrant>().unwrap();
+        let base = DevAgentConfig::new(
+            "/tmp/x.sock".into(),
+            td(),
+            vec![id("spiffe://example.org/a")],
+        );
+        let partner = parse_trust_domain("partner.org").unwrap();
+        let a: SpiffeId = "spiffe://example.org/a".parse().unwrap();
+
+        let mut c = base.clone();
+        c.ids.push(id("spiffe://example.org/a"));
+        assert!(matches!(c.validate(), Err(AgentError::BadGrant { .. })));
+        // The same ID for two callers is two entries, not a duplicate.
+        let mut c = base.clone();
+        c.ids.push(id("uid:7=spiffe://example.org/a"));
+        assert!(c.validate().is_ok());
+
+        let mut c = base.clone();
+        c.federate.push((partner.clone(), "/p.pem".into()));
+        let err = c.validate().unwrap_err();
+        assert!(matches!(err, AgentError::FederatedToNobody(_)), "{err}");
+        assert!(err.is_usage());
+
+        let mut c = base.clone();
+        c.federates_with.push((a.clone(), partner.clone()));
+        assert!(matches!(
+            c.validate(),
+            Err(AgentError::BadFederatesWith { .. })
+        ));
+
+        let mut c = base.clone();
+        c.federate.push((partner.clone(), "/p.pem".into()));
+        c.federates_with.push((
+            "spiffe://example.org/nobody".parse().unwrap(),
+            partner.clone(),
+        ));
+        assert!(matches!(
+            c.validate(),
+            Err(AgentError::FederatedToNobody(_) | AgentError::BadFederatesWith { .. })
+        ));
+
+        let mut c = base.clone();
+        c.federate.push((partner.clone(), "/p.pem".into()));
+        c.federates_with.push((a.clone(), partner.clone()));
+        assert!(c.validate().is_ok());
+        c.federates_with.push((a, partner));
+        assert!(matches!(
+            c.validate(),
+            Err(AgentError::BadFederatesWith { .. })
+        ));
+
+        assert!(parse_federates_with("spiffe://example.org/a=partner.org").is_ok());
+        for bad in [
+            "spiffe://example.org/a",
+            "spiffe://example.org=partner.org",
+            "spiffe://example.org/a=Partner.org",
+            "=partner.org",
+        ] {
+            assert!(parse_federates_with(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -12,6 +12,9 @@
 //!   (SPIRE's default, without `allow_unauthenticated_verifiers`);
 //! * streams send the current state at once and again on every change that
 //!   concerns the caller; bundles are keyed by `spiffe://<td>`;
+//! * a federated bundle goes only to a caller holding an ID that federates
+//!   with its trust domain (SPIRE's `-federatesWith`), in both
+//!   `FetchX509SVID` and `FetchX509Bundles`;
 //! * JWT-SVIDs are not implemented and say so.
 //!
 //! Each stream is one task following the agent's `watch` channel. The task
@@ -45,11 +48,13 @@ use crate::proto::{
     X509svidResponse, SECURITY_HEADER,
 };
 
-/// One `--id`: who may have the SVID at `svid` (index into the snapshot).
-#[derive(Debug, Clone, Copy)]
+/// One `--id`: who may have the SVID at `svid` (index into the snapshot),
+/// and the federated bundles (keys `spiffe://<td>`) that come with it.
+#[derive(Debug, Clone)]
 pub(crate) struct Grant {
     pub(crate) uid: Option<u32>,
     pub(crate) svid: usize,
+    pub(crate) federated: Vec<String>,
 }
 
 /// The gRPC service. Cheap to clone: everything is shared.
@@ -112,14 +117,35 @@ impl WorkloadApi {
         out
     }
 
-    fn entitled_or_denied<T>(&self, request: &Request<T>) -> Result<Vec<usize>, Status> {
+    /// The federated bundle keys `uid` may have: those its IDs federate
+    /// with, each once.
+    fn federated_for(&self, uid: Option<u32>) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for grant in self.grants.iter() {
+            if grant.uid.is_none() || grant.uid == uid {
+                for key in &grant.federated {
+                    if !out.contains(key) {
+                        out.push(key.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The caller's SVID indexes and federated bundle keys, or
+    /// PermissionDenied for a caller with no identity.
+    fn entitled_or_denied<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(Vec<usize>, Vec<String>), Status> {
         let uid = caller_uid(request);
         let entitled = self.entitled(uid);
         if entitled.is_empty() {
             tracing::debug!(?uid, "refused a caller with no identity");
             return Err(Status::permission_denied("no identity issued"));
         }
-        Ok(entitled)
+        Ok((entitled, self.federated_for(uid)))
     }
 
     /// Spawns the task behind one stream. `key` says what the caller has
@@ -174,7 +200,24 @@ impl WorkloadApi {
     }
 }
 
-fn x509_svid_response(snapshot: &Snapshot, entitled: &[usize]) -> X509svidResponse {
+/// The federated bundles among `keys`.
+fn federated_bundles(
+    snapshot: &Snapshot,
+    keys: &[String],
+) -> std::collections::HashMap<String, Vec<u8>> {
+    snapshot
+        .federated
+        .iter()
+        .filter(|(key, _)| keys.contains(key))
+        .cloned()
+        .collect()
+}
+
+fn x509_svid_response(
+    snapshot: &Snapshot,
+    entitled: &[usize],
+    federated: &[String],
+) -> X509svidResponse {
     let svids = entitled
         .iter()
         .filter_map(|&i| snapshot.svids.get(i))
@@ -189,13 +232,12 @@ fn x509_svid_response(snapshot: &Snapshot, entitled: &[usize]) -> X509svidRespon
     X509svidResponse {
         svids,
         crl: Vec::new(),
-        federated_bundles: snapshot.federated.iter().cloned().collect(),
+        federated_bundles: federated_bundles(snapshot, federated),
     }
 }
 
-fn x509_bundles_response(snapshot: &Snapshot) -> X509BundlesResponse {
-    let mut bundles: std::collections::HashMap<String, Vec<u8>> =
-        snapshot.federated.iter().cloned().collect();
+fn x509_bundles_response(snapshot: &Snapshot, federated: &[String]) -> X509BundlesResponse {
+    let mut bundles = federated_bundles(snapshot, federated);
     bundles.insert(
         snapshot.trust_domain_id.clone(),
         snapshot.bundle_der.as_ref().clone(),
@@ -243,7 +285,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
-        let entitled = self.entitled_or_denied(&request)?;
+        let (entitled, federated) = self.entitled_or_denied(&request)?;
         let for_key = entitled.clone();
         let stream = self.spawn_stream(
             move |s| {
@@ -253,7 +295,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     .collect();
                 (generations, s.bundle_version)
             },
-            move |s| x509_svid_response(s, &entitled),
+            move |s| x509_svid_response(s, &entitled, &federated),
         );
         Ok(Response::new(stream))
     }
@@ -265,8 +307,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
-        self.entitled_or_denied(&request)?;
-        let stream = self.spawn_stream(|s| s.bundle_version, x509_bundles_response);
+        let (_, federated) = self.entitled_or_denied(&request)?;
+        let stream = self.spawn_stream(
+            |s| s.bundle_version,
+            move |s| x509_bundles_response(s, &federated),
+        );
         Ok(Response::new(stream))
     }
 }
@@ -374,25 +419,31 @@ mod tests {
     #[test]
     fn entitlement_keeps_command_line_order_and_dedupes() {
         let api = api(vec![
-            Grant {
-                uid: Some(1000),
-                svid: 0,
-            },
-            Grant { uid: None, svid: 1 },
-            Grant {
-                uid: Some(1001),
-                svid: 0,
-            },
-            Grant { uid: None, svid: 0 },
-            Grant {
-                uid: Some(1000),
-                svid: 2,
-            },
+            grant(Some(1000), 0, &[]),
+            grant(None, 1, &[]),
+            grant(Some(1001), 0, &["spiffe://a.org"]),
+            grant(None, 0, &[]),
+            grant(Some(1000), 2, &["spiffe://b.org", "spiffe://c.org"]),
+            grant(Some(1000), 3, &["spiffe://b.org"]),
         ]);
-        assert_eq!(api.entitled(Some(1000)), vec![0, 1, 2]);
+        assert_eq!(api.entitled(Some(1000)), vec![0, 1, 2, 3]);
         assert_eq!(api.entitled(Some(1001)), vec![1, 0]);
         assert_eq!(api.entitled(Some(7)), vec![1, 0]);
         assert_eq!(api.entitled(None), vec![1, 0]);
+        assert_eq!(
+            api.federated_for(Some(1000)),
+            ["spiffe://b.org", "spiffe://c.org"]
+        );
+        assert_eq!(api.federated_for(Some(1001)), ["spiffe://a.org"]);
+        assert!(api.federated_for(Some(7)).is_empty());
+    }
+
+    fn grant(uid: Option<u32>, svid: usize, federated: &[&str]) -> Grant {
+        Grant {
+            uid,
+            svid,
+            federated: federated.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     #[test]

@@ -6,10 +6,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustls::HandshakeKind;
 use rustls_pki_types::{DnsName, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
@@ -200,13 +201,38 @@ impl Outbound {
         let (moved, end) = t.carry(&mut client, &mut tls, &peer, close).await;
         // In TLS 1.3 the server checks our certificate after our side of the
         // handshake is done, so its refusal arrives as the first read.
-        if let CopyEnd::Failed(e) = &end {
-            if let (Some(rustls::Error::AlertReceived(alert)), 0) =
-                (rustls_error(e), moved.server_to_client)
-            {
+        if let (CopyEnd::Failed(e), 0) = (&end, moved.server_to_client) {
+            let alert = match rustls_error(e) {
+                Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+                _ => refusal_left_unread(&mut tls).await,
+            };
+            if let Some(alert) = alert {
                 span.in_scope(|| warn!(alert = ?alert, "upstream refused our SVID (check its policy allows our SPIFFE ID)"));
             }
         }
+    }
+}
+
+/// How long a failed connection is read for an alert that came before the
+/// failure.
+const ALERT_GRACE: Duration = Duration::from_millis(100);
+
+/// The alert a server sent before closing, when our write failed first and
+/// so the copy never read it. Servers that refuse our SVID and close at once
+/// (go-spiffe's, Go's crypto/tls) leave it in the socket's receive queue:
+/// the write of the app's first bytes meets the closed socket before the
+/// read side gets to the alert.
+async fn refusal_left_unread<S>(tls: &mut S) -> Option<rustls::AlertDescription>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut scratch = [0u8; 256];
+    match tokio::time::timeout(ALERT_GRACE, tls.read(&mut scratch)).await {
+        Ok(Err(e)) => match rustls_error(&e) {
+            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

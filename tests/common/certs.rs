@@ -319,6 +319,22 @@ impl Ca {
     /// Like [`Ca::leaf_signed_by_openssl`] for a given subject key (any key
     /// openssl reads, e.g. from [`openssl_ec_key_pem`]).
     pub fn leaf_signed_by_openssl_with_key(&self, id: &str, digest: &str, key_pem: &str) -> Leaf {
+        self.openssl_leaf(id, digest, key_pem, SPIRE_KEY_USAGE)
+    }
+
+    /// Like [`Ca::leaf_signed_by_openssl`] with another `keyUsage = ...`
+    /// line of openssl's extension syntax (e.g. one not marked critical).
+    pub fn leaf_signed_by_openssl_with_key_usage(
+        &self,
+        id: &str,
+        digest: &str,
+        key_usage: &str,
+    ) -> Leaf {
+        let key = SubjectKey::generate(KeySpec::EcdsaP256);
+        self.openssl_leaf(id, digest, &key.key_pem, key_usage)
+    }
+
+    fn openssl_leaf(&self, id: &str, digest: &str, key_pem: &str, key_usage: &str) -> Leaf {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = |name: &str| dir.path().join(name);
         std::fs::write(p("ca.pem"), &self.cert_pem).unwrap();
@@ -329,7 +345,7 @@ impl Ca {
             format!(
                 "[v3]\n\
                  basicConstraints = critical, CA:FALSE\n\
-                 keyUsage = critical, digitalSignature, keyEncipherment, keyAgreement\n\
+                 {key_usage}\n\
                  extendedKeyUsage = serverAuth, clientAuth\n\
                  subjectAltName = URI:{id}\n"
             ),
@@ -441,6 +457,10 @@ impl Ca {
         path
     }
 }
+
+/// The key usage line of a SPIRE-like leaf, in openssl's extension syntax.
+const SPIRE_KEY_USAGE: &str =
+    "keyUsage = critical, digitalSignature, keyEncipherment, keyAgreement";
 
 fn next_serial_hex() -> String {
     format!("0x{}", hex(&next_serial().to_bytes()))

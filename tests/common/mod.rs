@@ -1,14 +1,17 @@
 //! Helpers shared by the integration tests.
 
+pub mod api_under_test;
 pub mod certs;
 pub mod fake_api;
 pub mod haproxy;
 pub mod harness;
 pub mod netns;
 pub mod node;
+pub mod peers;
 pub mod pp2;
 pub mod probe;
 pub mod spire;
+pub mod svid_cases;
 pub mod targets;
 pub mod traffic;
 pub mod upgrade;
