@@ -8,6 +8,8 @@ pub mod netns;
 pub mod pp2;
 pub mod probe;
 pub mod spire;
+pub mod spire_federation;
+pub mod spire_nodes;
 pub mod targets;
 pub mod traffic;
 pub mod workload_tunnel;
