@@ -224,6 +224,14 @@ async fn federation_between_two_spire_servers() {
         1,
         "the tunnel restarted"
     );
+    eprintln!(
+        "federation: {count} connections across partner.org's CA rotation, none failed; \
+         the new CA reached example.org's tunnel {arrived:?} after prepare, the revoked one \
+         left it {left:?} after revoke; example.org's server refreshed partner.org's bundle \
+         {} times; whole test {:?}",
+        a.server.bundle_refreshes("partner.org"),
+        started.elapsed()
+    );
     // The refusal of the partner by the entry without -federatesWith says
     // that this is the likely cause.
     assert!(
@@ -252,15 +260,6 @@ async fn federation_between_two_spire_servers() {
     echo(audit.listen, "hello from audit")
         .await
         .expect("audit -> partner api");
-
-    eprintln!(
-        "federation: {count} connections across partner.org's CA rotation, none failed; \
-         the new CA reached example.org's tunnel {arrived:?} after prepare, the revoked one \
-         left it {left:?} after revoke; example.org's server refreshed partner.org's bundle \
-         {} times; whole test {:?}",
-        a.server.bundle_refreshes("partner.org"),
-        started.elapsed()
-    );
 }
 
 /// Waits until `end` trusts `count` CAs for `trust_domain`.
