@@ -212,13 +212,7 @@ async fn federation_between_two_spire_servers() {
     let revoked = Instant::now();
     wait_ca_count(&web, "partner.org", 1, Duration::from_secs(40)).await;
     let left = revoked.elapsed();
-    traffic.wait_more_ok(5, Duration::from_secs(10)).await;
-    let (count, failures, _) = traffic.stop().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {count} connections failed: {failures:?}",
-        failures.len()
-    );
+    let count = traffic.finish_clean("connections").await;
     assert_eq!(
         web.daemon.log().matches("spiffe-tunnel is running").count(),
         1,
@@ -738,14 +732,7 @@ async fn haproxy_sidecars_fed_by_svid_watch_from_their_agents() {
     })
     .await;
     let new_ca_presented = activated.elapsed();
-    traffic.wait_more_ok(5, Duration::from_secs(10)).await;
-    let (count, failures, _) = traffic.stop().await;
-
-    assert!(
-        failures.is_empty(),
-        "{} of {count} requests failed: {failures:?}",
-        failures.len()
-    );
+    let count = traffic.finish_clean("requests").await;
     assert!(
         app.accepts() >= count,
         "{} accepts for {count} requests",

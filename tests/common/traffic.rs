@@ -210,6 +210,20 @@ impl Traffic {
         }
     }
 
+    /// Waits for 5 more successes, stops, and fails the test if anything
+    /// failed (`what`: "connections", "requests"); returns how many were
+    /// tried.
+    pub async fn finish_clean(self, what: &str) -> usize {
+        self.wait_more_ok(5, Duration::from_secs(10)).await;
+        let (count, failures, _) = self.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} of {count} {what} failed: {failures:?}",
+            failures.len()
+        );
+        count
+    }
+
     /// Stops and returns (tried, failures, the longest run of time with
     /// failures only: from the first failure after a success to the next
     /// success).
