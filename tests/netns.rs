@@ -39,7 +39,6 @@ const INBOUND: u16 = 8443;
 const INBOUND_B: u16 = 8444;
 const OUTBOUND: &str = "127.0.0.1:8080";
 const OUTBOUND_B: &str = "127.0.0.1:8081";
-const ADMIN: &str = "127.0.0.1:9901";
 
 /// A dev agent in a node, and its Workload API socket.
 struct Agent {
@@ -71,23 +70,13 @@ fn agent(node: &Node, trust_domain: &str, ids: &[&str], extra: &[&str]) -> Agent
     Agent { proc, socket }
 }
 
-/// Writes `tunnels` (TOML) with a Workload API identity from `agent` and an
-/// admin endpoint into `<node>-tunnel.toml`, starts `run` in the node and
-/// waits until it says it is running.
+/// `spiffe-tunnel run` in `node` with its identity from `agent`.
 fn tunnel(node: &Node, agent: &Agent, tunnels: &str) -> Proc {
-    let config = node.path("tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[identity]\nsource = \"workload_api\"\nsocket = \"unix://{}\"\nstartup_timeout = \"20s\"\n\
-             [admin]\nlisten = \"{ADMIN}\"\n{tunnels}",
-            agent.socket.display()
-        ),
+    node.run_tunnel(
+        "tunnel",
+        &format!("unix://{}", agent.socket.display()),
+        tunnels,
     )
-    .unwrap();
-    let proc = node.spiffe_tunnel("tunnel", &["run", "-c", config.to_str().unwrap()]);
-    proc.wait_log("spiffe-tunnel is running", 1, Duration::from_secs(20));
-    proc
 }
 
 fn inbound(name: &str, port: u16, app: u16, svid: &str, allow: &str) -> String {

@@ -74,12 +74,33 @@ impl HaProxy {
     /// bound before HAProxy starts serving the CLI). `admin` is the stats
     /// socket the config declares.
     pub fn start(dir: &Path, name: &str, config: &str, admin: &Path) -> Self {
+        Self::start_in(None, dir, name, config, admin)
+    }
+
+    /// [`HaProxy::start`] inside network namespace `netns` (a node of
+    /// `netns.rs`), through `ip netns exec`, which execs HAProxy: the pid
+    /// is HAProxy's own. Its stats socket stays in the shared file system.
+    pub fn start_in(
+        netns: Option<&str>,
+        dir: &Path,
+        name: &str,
+        config: &str,
+        admin: &Path,
+    ) -> Self {
         let cfg = dir.join(format!("{name}.cfg"));
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let bin = binary();
-        let child = Command::new(&bin)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .arg("-db")
             .arg("-f")
             .arg(&cfg)
@@ -147,16 +168,26 @@ impl HaProxy {
     /// cert FILE`), lower-case hex without leading zeros; `None` while
     /// HAProxy's certificate store is locked by a commit in progress.
     pub fn cert_serial(&self, file: &Path) -> Option<String> {
+        self.cert_serial_and_issuer(file).map(|(serial, _)| serial)
+    }
+
+    /// The serial (as [`HaProxy::cert_serial`]) and the issuer's name
+    /// (`Issuer: /C=US/O=SPIFFE/...`) of the certificate HAProxy holds for
+    /// `file`; `None` while locked.
+    pub fn cert_serial_and_issuer(&self, file: &Path) -> Option<(String, String)> {
         let answer = self.cli(&format!("show ssl cert {}", file.display()));
         if answer.contains("currently locked") {
             return None;
         }
-        let serial = answer
-            .lines()
-            .find_map(|l| l.strip_prefix("Serial: "))
-            .map(|s| s.trim().trim_start_matches('0').to_lowercase())
-            .unwrap_or_else(|| panic!("no Serial in `show ssl cert`:\n{answer}"));
-        Some(serial)
+        let field = |name: &str| {
+            answer
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|| panic!("no {name} in `show ssl cert`:\n{answer}"))
+        };
+        let serial = field("Serial: ").trim_start_matches('0').to_lowercase();
+        Some((serial, field("Issuer: ")))
     }
 
     /// The serials of the CA certificates HAProxy has committed for the
@@ -194,11 +225,14 @@ impl HaProxy {
 
 impl Drop for HaProxy {
     fn drop(&mut self) {
+        // Whether it was still running is worth knowing when a test fails.
+        let ended = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
+            let state = ended.map_or("still running".to_string(), |s| format!("had exited: {s}"));
             eprintln!(
-                "---- HAProxy log {} ----\n{}",
+                "---- HAProxy log {} ({state}) ----\n{}",
                 self.log.display(),
                 self.log()
             );

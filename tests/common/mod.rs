@@ -11,6 +11,8 @@ pub mod peers;
 pub mod pp2;
 pub mod probe;
 pub mod spire;
+pub mod spire_federation;
+pub mod spire_nodes;
 pub mod svid_cases;
 pub mod targets;
 pub mod traffic;

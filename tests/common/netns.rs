@@ -174,6 +174,10 @@ fn python() -> Result<&'static str, String> {
     .map_err(Clone::clone)
 }
 
+/// Where each node's tunnel serves its admin endpoint (every node has its
+/// own `127.0.0.1`, so the same address in all of them).
+pub const ADMIN: &str = "127.0.0.1:9901";
+
 /// Polls `condition` every 20 ms until it holds; panics after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -326,6 +330,25 @@ impl Node {
         self.spawn(label, binary(), args)
     }
 
+    /// `spiffe-tunnel run` in this node on `<node>-<label>.toml`: an
+    /// identity from the Workload API at `socket` (a `unix://` address:
+    /// the dev agent's or a SPIRE agent's), the admin endpoint on
+    /// [`ADMIN`], then `tunnels` (TOML). Returns once it says it runs.
+    pub fn run_tunnel(&self, label: &str, socket: &str, tunnels: &str) -> Proc {
+        let config = self.path(&format!("{label}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[identity]\nsource = \"workload_api\"\nsocket = \"{socket}\"\nstartup_timeout = \"20s\"\n\
+                 [admin]\nlisten = \"{ADMIN}\"\n{tunnels}"
+            ),
+        )
+        .unwrap();
+        let proc = self.spiffe_tunnel(label, &["run", "-c", config.to_str().unwrap()]);
+        proc.wait_log("spiffe-tunnel is running", 1, Duration::from_secs(20));
+        proc
+    }
+
     fn command(&self, program: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, program])
@@ -350,7 +373,13 @@ impl Node {
 
     /// A client process in this node, for traffic and admin requests.
     pub fn client(&self) -> Client {
-        let log = self.path("client.log");
+        self.client_named("client")
+    }
+
+    /// Another client in this node (its log is `<node>-<label>.log`), for
+    /// a test that drives traffic and asks the admin endpoint at once.
+    pub fn client_named(&self, label: &str) -> Client {
+        let log = self.path(&format!("{label}.log"));
         let file = File::create(&log).expect("create log file");
         let mut child = self
             .command(python().unwrap(), &["-u", "-c", CLIENT])
@@ -372,7 +401,7 @@ impl Node {
         });
         Client {
             proc: Proc {
-                label: format!("{}/client", self.name),
+                label: format!("{}/{label}", self.name),
                 child,
                 log,
             },
@@ -390,6 +419,33 @@ impl Node {
     /// Plugs the cable back in.
     pub fn link_up(&self) {
         ip_ok(&["-n", &self.sw, "link", "set", &self.port, "up"]);
+    }
+
+    /// Cuts this node off from one other address only, everything else
+    /// still flowing: a blackhole route for `to` in this node's namespace,
+    /// so every packet it sends there is dropped (a firewall rule without
+    /// a firewall).
+    pub fn blackhole(&self, to: Ipv4Addr) {
+        ip_ok(&[
+            "-n",
+            &self.ns,
+            "route",
+            "add",
+            "blackhole",
+            &format!("{to}/32"),
+        ]);
+    }
+
+    /// Removes the route [`Node::blackhole`] added.
+    pub fn unblackhole(&self, to: Ipv4Addr) {
+        ip_ok(&[
+            "-n",
+            &self.ns,
+            "route",
+            "del",
+            "blackhole",
+            &format!("{to}/32"),
+        ]);
     }
 }
 

@@ -46,6 +46,11 @@
 //!   ([`SpireAgent::address`]). It can be killed and restarted.
 //! - [`Spire`]: one server and one agent, with [`Spire::entry`] building
 //!   entries parented to that agent.
+//! - Several nodes: a server or an agent can run inside a network namespace
+//!   (`ServerConfig::netns`, `AgentConfig::netns`, see `netns.rs`): it is
+//!   started with `ip netns exec`, binds or dials the node's address, and
+//!   its sockets stay in the shared file system, so the CLIs and the tests
+//!   reach them from anywhere. Two federated servers: `spire_federation.rs`.
 //! - Processes of other users: [`command_as`] runs a program under another
 //!   uid (tests run as root; uid 0 is the tunnel's own, [`OTHER_UID`] and up
 //!   are free for "other workloads"); [`TestUser`] makes a named user for
@@ -226,6 +231,25 @@ impl SpireProcess {
         }
     }
 
+    /// [`SpireProcess::spawn`] inside network namespace `netns`, if given:
+    /// `ip netns exec NS program args`, which execs the program (same pid,
+    /// and the parent-death signal set before it still applies).
+    fn spawn_in_netns(
+        netns: Option<&str>,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+    ) -> Self {
+        let Some(netns) = netns else {
+            return Self::spawn(name, program, args, log);
+        };
+        let program = program.to_str().expect("a UTF-8 path");
+        let mut all = vec!["netns", "exec", netns, program];
+        all.extend_from_slice(args);
+        Self::spawn(name, Path::new("ip"), &all, log)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -352,6 +376,12 @@ pub struct ServerConfig {
     /// More plugin blocks inside `plugins { }`.
     pub plugins_hcl: String,
     pub log_level: String,
+    /// Where the server listens for agents (`bind_address`), and where
+    /// agents dial it unless they say otherwise.
+    pub bind_address: String,
+    /// A network namespace to run in (a node of `netns.rs`); `None`: the
+    /// test's own.
+    pub netns: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -368,6 +398,8 @@ impl Default for ServerConfig {
             server_hcl: String::new(),
             plugins_hcl: String::new(),
             log_level: "INFO".into(),
+            bind_address: "127.0.0.1".into(),
+            netns: None,
         }
     }
 }
@@ -386,6 +418,11 @@ pub struct AgentConfig {
     /// Registered as an alias of the agent (`token generate -spiffeID`),
     /// e.g. `spiffe://example.org/node/n1`, so entries can name the node.
     pub node_alias: Option<String>,
+    /// The server's address as this agent dials it; `None`: the server's
+    /// `bind_address`.
+    pub server_address: Option<String>,
+    /// A network namespace to run in (a node of `netns.rs`).
+    pub netns: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -396,6 +433,8 @@ impl Default for AgentConfig {
             agent_hcl: String::new(),
             log_level: "INFO".into(),
             node_alias: None,
+            server_address: None,
+            netns: None,
         }
     }
 }
@@ -580,7 +619,7 @@ impl SpireServer {
             .unwrap_or_default();
         let text = format!(
             r#"server {{
-    bind_address = "127.0.0.1"
+    bind_address = "{bind}"
     bind_port = "{port}"
     socket_path = "{socket}"
     trust_domain = "{td}"
@@ -608,6 +647,7 @@ plugins {{
 {key_manager}{upstream}{plugins_hcl}
 }}
 "#,
+            bind = c.bind_address,
             port = self.port,
             socket = self.socket.display(),
             td = c.trust_domain,
@@ -635,7 +675,8 @@ plugins {{
         self.starts += 1;
         let log = self.dir.path().join(format!("server-{}.log", self.starts));
         let config = self.config_file.to_str().unwrap().to_string();
-        let mut proc = SpireProcess::spawn(
+        let mut proc = SpireProcess::spawn_in_netns(
+            self.config.netns.as_deref(),
             "spire-server",
             &spire_bin("spire-server"),
             &["run", "-config", &config],
@@ -888,7 +929,7 @@ impl SpireAgent {
             r#"agent {{
     data_dir = "{data}"
     log_level = "{log_level}"
-    server_address = "127.0.0.1"
+    server_address = "{server_address}"
     server_port = "{port}"
     socket_path = "{socket}"
     trust_bundle_path = "{bundle}"
@@ -913,6 +954,10 @@ plugins {{
 "#,
             data = data.display(),
             log_level = config.log_level,
+            server_address = config
+                .server_address
+                .as_deref()
+                .unwrap_or(&server.config.bind_address),
             port = server.port,
             socket = socket.display(),
             bundle = bundle.display(),
@@ -969,7 +1014,13 @@ plugins {{
         if self.starts == 1 {
             args.extend(["-joinToken", self.join_token.as_str()]);
         }
-        let mut proc = SpireProcess::spawn("spire-agent", &spire_bin("spire-agent"), &args, log);
+        let mut proc = SpireProcess::spawn_in_netns(
+            self.config.netns.as_deref(),
+            "spire-agent",
+            &spire_bin("spire-agent"),
+            &args,
+            log,
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = proc.exited() {

@@ -113,6 +113,39 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(addr: SocketAddr, every: Duration) -> Self {
+        Self::start_with(every, move |n| async move {
+            let msg = format!("conn {n}");
+            match roundtrip(addr, msg.as_bytes()).await {
+                Ok(answer) if answer == msg.as_bytes() => Ok(()),
+                Ok(answer) => Err(format!("{msg}: got {:?}", String::from_utf8_lossy(&answer))),
+                Err(e) => Err(format!("{msg}: {e}")),
+            }
+        })
+    }
+
+    /// Like [`Traffic::start`], each connection made by the blocking call
+    /// `connect(n)` (run on tokio's blocking pool): for clients that live
+    /// elsewhere, like the one inside a network namespace (`netns.rs`).
+    pub fn start_blocking<F>(every: Duration, connect: F) -> Self
+    where
+        F: FnMut(u64) -> Result<(), String> + Send + 'static,
+    {
+        let connect = Arc::new(Mutex::new(connect));
+        Self::start_with(every, move |n| {
+            let connect = Arc::clone(&connect);
+            async move {
+                tokio::task::spawn_blocking(move || (connect.lock().unwrap())(n))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("conn {n}: the client panicked: {e}")))
+            }
+        })
+    }
+
+    fn start_with<F, Fut>(every: Duration, mut connect: F) -> Self
+    where
+        F: FnMut(u64) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let log: Outcomes = Arc::default();
         let (stop2, log2) = (Arc::clone(&stop), Arc::clone(&log));
@@ -120,13 +153,8 @@ impl Traffic {
             let mut n = 0u64;
             while !stop2.load(Ordering::Relaxed) {
                 n += 1;
-                let msg = format!("conn {n}");
                 let at = Instant::now();
-                let result = match roundtrip(addr, msg.as_bytes()).await {
-                    Ok(answer) if answer == msg.as_bytes() => Ok(()),
-                    Ok(answer) => Err(format!("{msg}: got {:?}", String::from_utf8_lossy(&answer))),
-                    Err(e) => Err(format!("{msg}: {e}")),
-                };
+                let result = connect(n).await;
                 log2.lock().unwrap().push((at, result));
                 tokio::time::sleep(every).await;
             }
@@ -147,6 +175,15 @@ impl Traffic {
             .iter()
             .filter(|(_, r)| r.is_ok())
             .count()
+    }
+
+    /// When the first failed connection began, and why it failed.
+    pub fn first_failure(&self) -> Option<(Instant, String)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|(at, r)| r.clone().err().map(|e| (*at, e)))
     }
 
     /// The failures so far.
@@ -171,6 +208,20 @@ impl Traffic {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits for 5 more successes, stops, and fails the test if anything
+    /// failed (`what`: "connections", "requests"); returns how many were
+    /// tried.
+    pub async fn finish_clean(self, what: &str) -> usize {
+        self.wait_more_ok(5, Duration::from_secs(10)).await;
+        let (count, failures, _) = self.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} of {count} {what} failed: {failures:?}",
+            failures.len()
+        );
+        count
     }
 
     /// Stops and returns (tried, failures, the longest run of time with
