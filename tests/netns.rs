@@ -570,6 +570,8 @@ fn federation_lets_the_other_domain_in_only_where_the_policy_says() {
             &ca_other,
             "--federate",
             &bundle_example,
+            "--federates-with",
+            &format!("{PARTNER_WEB}=example.org"),
         ],
     );
     let agent2 = agent(
@@ -583,6 +585,8 @@ fn federation_lets_the_other_domain_in_only_where_the_policy_says() {
             &ca_example,
             "--federate",
             &bundle_other,
+            "--federates-with",
+            &format!("{API}=other.org"),
         ],
     );
 
