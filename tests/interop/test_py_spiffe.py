@@ -70,7 +70,11 @@ def test_py_spiffe_sees_federated_bundles(dev_agent, tmp_path):
     pem = tmp_path / "partner.pem"
     pem.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in partner.x509_authorities))
 
-    agent = dev_agent("--trust-domain", TD, "--id", WEB, "--federate", f"partner.org={pem}")
+    # Like SPIRE, the dev agent hands a federated bundle only to an ID whose
+    # entry federates with that trust domain.
+    agent = dev_agent(
+        "--trust-domain", TD, "--id", WEB, "--federate", f"partner.org={pem}", "--federates-with", f"{WEB}=partner.org"
+    )
     with WorkloadApiClient(socket_path=agent.address) as client:
         bundles = client.fetch_x509_bundles(timeout=10)
         context = client.fetch_x509_context(timeout=10)
