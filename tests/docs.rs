@@ -23,7 +23,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_spiffe-tunnel");
 
 /// At least this many whole configs are in the docs today; fewer means the
 /// extraction broke (or examples were cut), not that all is well.
-const MIN_CHECKED_CONFIGS: usize = 3;
+const MIN_CHECKED_CONFIGS: usize = 4;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -206,6 +206,25 @@ fn check(config: &Path, shown: &str) -> Result<(), String> {
     }
 }
 
+/// `check` names lines of the temporary config; point them at the page
+/// instead (`FILE:N:` becomes `page.md:M:`, M the page's line).
+fn at_page_lines(output: &str, config: &Path, page: &str, fence_line: usize) -> String {
+    let prefix = format!("{}:", config.display());
+    output
+        .lines()
+        .map(|line| {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                return line.replace(&config.display().to_string(), page);
+            };
+            match rest.split_once(':').map(|(n, r)| (n.parse::<usize>(), r)) {
+                Some((Ok(n), r)) => format!("{page}:{}:{r}", fence_line + n),
+                _ => format!("{page}:{rest}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn every_whole_toml_example_passes_check() {
     let tmp = tempfile::tempdir().unwrap();
@@ -234,7 +253,7 @@ fn every_whole_toml_example_passes_check() {
             let config = dir.join("tunnel.toml");
             fs::write(&config, &block.text).unwrap();
             if let Err(e) = check(&config, &shown) {
-                failures.push(e);
+                failures.push(at_page_lines(&e, &config, &rel(&file), block.line));
             }
             checked.push(shown);
         }
