@@ -12,7 +12,7 @@
 //! that federate.
 //!
 //! Where the two servers follow different rules on purpose, the rule lives
-//! in `ApiUnderTest` and the README's dev agent section says so: SVID
+//! in `ApiUnderTest` and docs/dev-agent.md says so: SVID
 //! order, the renewal moment.
 
 mod common;

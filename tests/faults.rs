@@ -1015,7 +1015,7 @@ async fn file_identity_replaced_with_garbage_then_a_good_file() {
     assert_eq!(rots, 1.0, "svid_rotations +{rots}");
     assert_eq!(reloads_logged, 1, "reloads logged");
     fin.assert_clean("inbound daemon", node.pid(), baseline);
-    // The contract (README, Metrics): identity updates `ok` or `rejected`
+    // The contract (docs/operations.md, Metrics): identity updates `ok` or `rejected`
     // (invalid files or Workload API responses).
     assert!(
         rejected >= garbage.len() as f64,

@@ -384,7 +384,7 @@ fn policy_text() -> BoxedStrategy<String> {
     .boxed()
 }
 
-/// The meaning of a pattern, written from the README rather than from
+/// The meaning of a pattern, written from docs/policy.md rather than from
 /// `policy.rs`: the trust domain is literal, `*` is exactly one segment,
 /// a final `**` one or more.
 fn reference_matches(pattern: &str, id: &str) -> bool {

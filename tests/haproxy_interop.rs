@@ -17,7 +17,7 @@
 //!   file mode.
 //!
 //! HAProxy runs the configs in `examples/haproxy/` (ports and paths
-//! substituted), so the configs the README shows are the ones proven here.
+//! substituted), so the configs the docs show are the ones proven here.
 //! HAProxy, openssl, curl and socat are required: without them a test
 //! fails and says how to install them (`scripts/test` does).
 
@@ -604,7 +604,7 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
         },
     )
     .await;
-    // What the README tells operators to look at, the way it says to.
+    // What docs/haproxy-nginx-stunnel.md tells operators to look at, the way it says to.
     let socat = which("socat", "apt-get install socat");
     let mut show = tokio::process::Command::new(socat);
     show.arg("stdio")
@@ -822,7 +822,7 @@ async fn two_haproxy_sidecars_fed_by_svid_watch() {
     );
 }
 
-/// What the README says HAProxy does not check, shown: its `verify
+/// What docs/haproxy-nginx-stunnel.md says HAProxy does not check, shown: its `verify
 /// required` frontend lets in any certificate that chains to any CA in its
 /// `ca-file`, whatever the SPIFFE ID, whichever trust domain's CA signed
 /// it, and whether or not it is an X509-SVID at all; spiffe-tunnel's
@@ -842,7 +842,7 @@ async fn haproxy_checks_the_chain_but_not_the_spiffe_id() {
     });
     let server = ours.leaf(API);
 
-    // HAProxy, as the README configures it, trusting both trust domains.
+    // HAProxy, as the docs configure it, trusting both trust domains.
     let admin = d.join("admin.sock");
     let cert = d.join("haproxy.pem");
     std::fs::write(&cert, format!("{}{}", server.chain_pem, server.key_pem)).unwrap();

@@ -119,7 +119,7 @@ async fn rotation_under_traffic() {
 /// sync), answers "no identity issued", so the tunnels withdraw their
 /// identity and refuse new connections for that moment; the test measures
 /// it. Then `revoke`: the old CA leaves the bundle, a live connection whose
-/// peers hold certificates of the old CA is closed (as the README says of
+/// peers hold certificates of the old CA is closed (as docs/spire.md says of
 /// a CA dropped from the bundle), and one made after the taint lives on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_rotation_prepare_activate_taint_revoke() {

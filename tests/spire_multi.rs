@@ -190,8 +190,8 @@ async fn federation_between_two_spire_servers() {
     b.server.activate_x509_authority(&new).await;
     // prepare and activate cost no connection. A taint makes partner.org's
     // agent drop the SVIDs the old CA signed at once and answer "no
-    // identity issued" until their replacements are signed (the README's
-    // CA rotation section): refusals for that moment are SPIRE's, so the
+    // identity issued" until their replacements are signed (docs/spire.md,
+    // "Rotation"): refusals for that moment are SPIRE's, so the
     // traffic is judged in two runs, one before the taint and one after.
     let count_before_taint = traffic.finish_clean("connections before the taint").await;
     b.server.taint_x509_authority(&old.id).await;

@@ -14,12 +14,12 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The README's steps: run the script with SPIRE_SERVER and SPIRE_AGENT
+/// The steps of docs/spire.md ("The quickstart"): run the script with SPIRE_SERVER and SPIRE_AGENT
 /// set, see the answer of the request it sends through the tunnels, press
 /// Ctrl-C, and nothing it started is left running. The test gives it its
 /// own work folder and agent socket, and runs it in a network namespace of
 /// its own (`unshare --net`, loopback only), so neither its files nor the
-/// fixed ports the README gives can collide with anything else running on
+/// fixed ports the docs give can collide with anything else running on
 /// the machine, a second run of this test included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quickstart_script_ends_with_a_request_through_the_tunnel() {

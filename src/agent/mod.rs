@@ -13,7 +13,7 @@
 //! the tests of our own client and for `spiffe-tunnel demo`;
 //! `tests/conformance.rs` runs the same checks against it and real SPIRE.
 //! Where it still differs from SPIRE (SVID order, renewal time, hints), the
-//! `dev-agent --help` text and the README say how.
+//! `dev-agent --help` text and `docs/dev-agent.md` say how.
 //!
 //! Files:
 //! * `mod.rs` (this file) — configuration, errors, and the [`DevAgent`]

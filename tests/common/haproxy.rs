@@ -40,7 +40,7 @@ pub fn binary() -> PathBuf {
 }
 
 /// The example config `examples/haproxy/<name>` with each `(from, to)`
-/// replaced, so tests run the very configs the README shows. Every `from`
+/// replaced, so tests run the very configs the docs show. Every `from`
 /// must occur in the file: an example edited out of shape fails loudly
 /// instead of silently testing something else.
 pub fn example_config(name: &str, replacements: &[(&str, &str)]) -> String {

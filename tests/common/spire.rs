@@ -751,7 +751,7 @@ plugins {{
     }
 
     /// A join token for one agent; with `alias`, an entry that makes the
-    /// agent also `alias` (the README's `-spiffeID` step).
+    /// agent also `alias` (the `-spiffeID` step of docs/spire.md, "Several nodes").
     pub async fn join_token(&self, alias: Option<&str>) -> String {
         let mut args = vec!["token", "generate", "-ttl", "600"];
         if let Some(alias) = alias {

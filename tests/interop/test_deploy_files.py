@@ -1,5 +1,5 @@
 """The YAML under deploy/ and examples/ parses (PyYAML, an independent
-parser), and the Kubernetes examples say what the README and the daemon rely
+parser), and the Kubernetes examples say what docs/ and the daemon rely
 on: the Workload API socket from the SPIFFE CSI driver, the config from a
 ConfigMap, probes on the admin endpoint, a grace period longer than the
 drain, and a locked-down container. `tests/deploy.rs` runs `spiffe-tunnel

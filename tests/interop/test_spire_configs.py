@@ -1,4 +1,4 @@
-"""The shipped SPIRE configs parse as HCL and say what the README and
+"""The shipped SPIRE configs parse as HCL and say what docs/spire.md and
 scripts/spire-quickstart.sh rely on. They also run for real against SPIRE
 v1.13.3 in tests/spire_quickstart.rs (the script end to end, and an agent
 and a server restart); this is the fast static check, with shellcheck on the
