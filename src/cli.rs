@@ -228,11 +228,22 @@ pub struct SvidWatchArgs {
     pub pid_file: Option<PathBuf>,
 
     /// HAProxy's stats socket (`stats socket PATH level admin`): each new
-    /// SVID is pushed with `set ssl cert` / `commit ssl cert`, and each new
-    /// bundle with `set ssl ca-file` / `commit ssl ca-file`, so HAProxy
-    /// presents it without a reload.
+    /// SVID is pushed with `set ssl cert` / `commit ssl cert`, and each
+    /// bundle that differs from what HAProxy holds with `set ssl ca-file` /
+    /// `commit ssl ca-file`, so HAProxy presents it without a reload.
+    /// HAProxy before 3.3 cannot take a new CA file at runtime (bug #3165:
+    /// it stops applying certificates, then crashes): there the new CA is
+    /// refused with an error saying to reload, unless
+    /// --haproxy-master-socket is given.
     #[arg(long, value_name = "PATH", requires = "haproxy_cert")]
     pub haproxy_socket: Option<PathBuf>,
+
+    /// HAProxy's master CLI (`haproxy -W -S PATH`; Debian's haproxy.service
+    /// has /run/haproxy-master.sock): on an HAProxy before 3.3, a new CA
+    /// file goes in by a `reload` here, once the files are written. The
+    /// master keeps its pid; a new worker takes the listeners over.
+    #[arg(long, value_name = "PATH", requires = "haproxy_socket")]
+    pub haproxy_master_socket: Option<PathBuf>,
 
     /// Stop after the first update, like `svid fetch`.
     #[arg(long)]

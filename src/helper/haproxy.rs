@@ -8,7 +8,19 @@
 //! knows certificates by that name. On any refusal the transaction is
 //! aborted so the next attempt starts clean. Each command uses its own
 //! connection, the socket's non-interactive mode.
+//!
+//! This module also owns what the pusher needs to know before it commits a
+//! CA file: HAProxy's version (`show info`), the CA certificates HAProxy
+//! holds (`show ssl ca-file FILE`, by SHA-1 fingerprint, as HAProxy lists
+//! them), and the master CLI's `reload`. HAProxy before 3.3.0 has bug
+//! #3165: a `commit ssl ca-file` rebuilds every TLS context that uses the
+//! CA file but leaves the new contexts out of their certificate's list, so
+//! later `commit ssl cert`s answer "Success!" without changing what
+//! HAProxy presents, and free the certificate those contexts still point
+//! to; the next `commit ssl ca-file` then dereferences it and HAProxy dies
+//! (SIGSEGV). [`Version::has_ca_commit_bug`] says which versions.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +33,10 @@ pub struct HaproxyTarget {
     /// The stats socket (`stats socket PATH level admin`); without one the
     /// files are written but nothing is pushed.
     pub socket: Option<PathBuf>,
+    /// The master CLI (`haproxy -W -S PATH`; Debian's unit has
+    /// `/run/haproxy-master.sock`): where a new CA goes on an HAProxy whose
+    /// runtime CA updates are broken, as a `reload`.
+    pub master_socket: Option<PathBuf>,
     /// The `crt` file, as named in HAProxy's config: chain plus key.
     pub cert: PathBuf,
     /// The `ca-file`, as named in HAProxy's config: the trust bundle.
@@ -48,6 +64,21 @@ pub enum HaproxyError {
         "HAProxy is busy with another certificate operation and did not take `{command}`: {answer}"
     )]
     Busy { command: String, answer: String },
+    #[error("HAProxy {version} cannot take a new CA file at runtime: `commit ssl ca-file` makes it stop applying certificate updates and crash at the next CA update (HAProxy bug #3165, fixed in 3.3.0). The new bundle is written to {file:?}, and HAProxy keeps the CAs it has until it is reloaded: reload it (`systemctl reload haproxy`), or give `--haproxy-master-socket` (HAProxy run with `-W -S PATH`) so that svid watch reloads it itself")]
+    CaNeedsReload { version: String, file: String },
+    #[error("HAProxy's master CLI at {master} took `reload`, but no new worker holding the new CA answered on {socket} within {waited:?} (a config error keeps the old worker: see HAProxy's log, and `show proc` on the master CLI counts failed reloads); last seen: {last}")]
+    ReloadFailed {
+        master: String,
+        socket: String,
+        waited: Duration,
+        last: String,
+    },
+    #[error("HAProxy's `{command}` answer has no {what}: {answer}")]
+    Unparsable {
+        command: String,
+        what: &'static str,
+        answer: String,
+    },
 }
 
 impl HaproxyError {
@@ -93,6 +124,181 @@ async fn command(socket: &Path, text: &str) -> Result<String, HaproxyError> {
         ))),
     }
 }
+
+/// HAProxy's release, as `show info` gives it (`Version: 2.6.12-1+deb12u4`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl Version {
+    /// `2.6.12-1+deb12u4` -> 2.6.12; `3.3-dev5` -> 3.3.0; `None` when it
+    /// does not start with `MAJOR.MINOR`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split('.');
+        let number = |part: Option<&str>| -> Option<u32> {
+            let digits: String = part?.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        let major = number(parts.next())?;
+        let minor = number(parts.next())?;
+        Some(Version {
+            major,
+            minor,
+            patch: number(parts.next()).unwrap_or(0),
+        })
+    }
+
+    /// Whether `commit ssl ca-file` leaves HAProxy broken (bug #3165). The
+    /// fix is in 3.3.0; it was to be backported to the stable branches,
+    /// but which of their releases carry it cannot be told from here, so
+    /// every release before 3.3 counts as affected: for one that has the
+    /// fix this costs a reload where a commit would do, never a crash.
+    pub fn has_ca_commit_bug(&self) -> bool {
+        (self.major, self.minor) < (3, 3)
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// Who answers on the stats socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    /// The process serving the stats socket (the worker, in master-worker
+    /// mode): it changes when HAProxy is reloaded.
+    pub pid: u32,
+    /// The release as HAProxy spells it.
+    pub version_text: String,
+    /// `None` when the release is not in a form we know.
+    pub version: Option<Version>,
+}
+
+/// `show info`: the pid and release of the process on the stats socket.
+pub async fn info(socket: &Path) -> Result<Info, HaproxyError> {
+    let answer = command(socket, "show info\n").await?;
+    let field = |name: &str| {
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    let unparsable = |what| HaproxyError::Unparsable {
+        command: "show info".into(),
+        what,
+        answer: answer.clone(),
+    };
+    let pid = field("Pid:")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| unparsable("Pid"))?;
+    let version_text = field("Version:").ok_or_else(|| unparsable("Version"))?;
+    Ok(Info {
+        pid,
+        version: Version::parse(&version_text),
+        version_text,
+    })
+}
+
+/// The SHA-1 fingerprints (upper-case hex, as HAProxy prints them) of the
+/// CA certificates HAProxy holds for the `ca-file` `file`.
+pub async fn ca_file_fingerprints(
+    socket: &Path,
+    file: &Path,
+) -> Result<BTreeSet<String>, HaproxyError> {
+    let name = file.display().to_string();
+    let show = format!("show ssl ca-file {name}");
+    let answer = command(socket, &format!("{show}\n")).await?;
+    let lower = answer.to_lowercase();
+    if is_busy(&lower) {
+        return Err(HaproxyError::Busy {
+            command: show,
+            answer,
+        });
+    }
+    let fingerprints: BTreeSet<String> = answer
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("SHA1 FingerPrint:"))
+        .map(|f| f.trim().to_uppercase())
+        .collect();
+    if fingerprints.is_empty() {
+        if lower.contains("not found") || lower.contains("unknown") || lower.contains("can't") {
+            return Err(HaproxyError::Unknown {
+                kind: "CA file",
+                file: name,
+                answer,
+            });
+        }
+        return Err(HaproxyError::Unparsable {
+            command: show,
+            what: "SHA1 FingerPrint",
+            answer,
+        });
+    }
+    Ok(fingerprints)
+}
+
+/// The SHA-1 fingerprints of the certificates in `pem`, spelled as
+/// [`ca_file_fingerprints`] gets them from HAProxy.
+pub fn pem_fingerprints(pem: &str) -> BTreeSet<String> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|der| {
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &der);
+            digest.as_ref().iter().map(|b| format!("{b:02X}")).collect()
+        })
+        .collect()
+}
+
+/// Asks HAProxy's master to reload, then waits until a new worker (a pid
+/// other than `old_pid`) answers on the stats socket holding `wanted` for
+/// the `ca-file` `ca_file`. The new worker reads every file from disk,
+/// so it starts with the current certificate too, and in master-worker
+/// mode it takes the listening sockets over from the old one, which
+/// finishes the connections it has.
+pub async fn reload_for_ca(
+    master: &Path,
+    socket: &Path,
+    old_pid: u32,
+    ca_file: &Path,
+    wanted: &BTreeSet<String>,
+) -> Result<u32, HaproxyError> {
+    // The master execs itself at once, closing this connection without
+    // an answer (2.6 reports nothing here; later releases print the
+    // outcome, which the wait below judges anyway).
+    command(master, "reload\n").await?;
+    let waited = RELOAD_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + waited;
+    let mut last = String::from("nothing yet");
+    loop {
+        match info(socket).await {
+            Ok(now) if now.pid != old_pid => match ca_file_fingerprints(socket, ca_file).await {
+                Ok(held) if &held == wanted => return Ok(now.pid),
+                Ok(held) => last = format!("worker {} holds CAs {held:?}", now.pid),
+                Err(e) => last = e.to_string(),
+            },
+            Ok(now) => last = format!("still the old worker {}", now.pid),
+            Err(e) => last = e.to_string(),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(HaproxyError::ReloadFailed {
+                master: master.display().to_string(),
+                socket: socket.display().to_string(),
+                waited,
+                last,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a new worker may take to answer after `reload`.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Replaces the certificate HAProxy loaded from `file` with `pem` (chain
 /// and key) on every `bind` and `server` line that uses it.
