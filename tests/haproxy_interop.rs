@@ -111,6 +111,19 @@ impl Watch {
     /// can be started on them). Pushes into the HAProxy whose stats socket
     /// is `admin`, if given.
     async fn start(dir: &Path, name: &str, agent: &Agent, id: &str, admin: Option<&Path>) -> Self {
+        Self::start_with(dir, name, agent, id, admin, None).await
+    }
+
+    /// [`Watch::start`], also given HAProxy's master CLI
+    /// (`--haproxy-master-socket`).
+    async fn start_with(
+        dir: &Path,
+        name: &str,
+        agent: &Agent,
+        id: &str,
+        admin: Option<&Path>,
+        master: Option<&Path>,
+    ) -> Self {
         let out = dir.join(name);
         let cert = dir.join(format!("{name}.pem"));
         let ca_file = dir.join(format!("{name}-bundle.pem"));
@@ -131,6 +144,9 @@ impl Watch {
         ];
         if let Some(admin) = admin {
             args.extend(["--haproxy-socket", admin.to_str().unwrap()]);
+        }
+        if let Some(master) = master {
+            args.extend(["--haproxy-master-socket", master.to_str().unwrap()]);
         }
         let daemon = Daemon::spawn(&args, dir, &[]);
         let (c, a) = (cert.clone(), ca_file.clone());
@@ -500,13 +516,18 @@ fn provider() -> rustls::crypto::CryptoProvider {
 
 // ============================================================ the tests
 
-/// `svid watch` pushes every rotation into a running HAProxy: the serial
-/// HAProxy presents on its `bind ... ssl crt` line changes at least three
-/// times, a CA rotation included (the new CA reaches HAProxy's `ca-file`
-/// through `set ssl ca-file` before any client presents an SVID it
-/// signed), and HAProxy is the same process throughout.
+/// `svid watch` pushes every rotation into a running HAProxy, run
+/// master-worker as Debian's haproxy.service does: the serial HAProxy
+/// presents on its `bind ... ssl crt` line changes at least three times, a
+/// CA rotation included (the new CA reaches HAProxy's `ca-file` before any
+/// client presents an SVID it signed), no connection fails, and the
+/// master is the same process throughout. Certificates go in through the
+/// runtime API, never by a reload. A new CA goes in through `commit ssl
+/// ca-file` on HAProxy 3.3 and later; before 3.3 (bug #3165, see above),
+/// through a `reload` on the master CLI, one per bundle change and none
+/// for an unchanged bundle: each new worker is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn haproxy_presents_each_new_svid_without_a_reload() {
+async fn haproxy_presents_each_new_svid_and_takes_each_new_ca_keeping_its_pid() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // SVIDs live 3 s (renewed every 1.5-2 s); the CA lives 8 s: the next CA
@@ -520,19 +541,27 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
     )
     .await;
     let admin = d.join("admin.sock");
-    let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
+    let master = d.join("master.sock");
+    let watch = Watch::start_with(d, "haproxy", &agent, HAPROXY_ID, Some(&admin), Some(&master)).await;
     // The test client's SVID, kept current by a second watch.
     let client = Watch::start(d, "client", &agent, CLIENT, None).await;
     let backend = HttpBackend::start().await;
     let listen = free_addr();
-    let mut haproxy = HaProxy::start(
+    let mut haproxy = HaProxy::start_master_worker_in(
+        None,
         d,
         "haproxy",
         &server_side_config(&admin, &watch, listen, backend.addr),
         &admin,
+        &master,
     );
     let pid = haproxy.pid();
-    assert_eq!(haproxy.reported_pid(), pid);
+    assert_eq!(haproxy.master_pid(), pid);
+    let version = haproxy.version();
+    let affected = spiffe_tunnel::helper::haproxy::Version::parse(&version)
+        .unwrap_or_else(|| panic!("HAProxy version {version:?}"))
+        .has_ca_commit_bug();
+    let workers = Mutex::new(vec![haproxy.reported_pid()]);
     let first_cas = pem_serials(&watch.ca_file);
     assert_eq!(
         haproxy.ca_file_serials(&watch.ca_file),
@@ -558,6 +587,12 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
                 return Err(format!("HAProxy presented {uris:?}"));
             }
             client_issuers.lock().unwrap().insert(cert_facts(&ours).1);
+            if let Some(worker) = haproxy.try_reported_pid() {
+                let mut workers = workers.lock().unwrap();
+                if workers.last() != Some(&worker) {
+                    workers.push(worker);
+                }
+            }
             let mut presented = presented.lock().unwrap();
             if presented.last().map(|p| &p.0) != Some(&serial) {
                 presented.push((serial, issuer));
@@ -578,9 +613,29 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
     );
     let presented = presented.into_inner().unwrap();
 
-    // The same HAProxy process all along: no reload, no restart.
+    // The same HAProxy master all along; a new worker only for a new CA,
+    // and only where HAProxy cannot take one at runtime.
     assert!(haproxy.is_running(), "HAProxy exited:\n{}", haproxy.log());
-    assert_eq!(haproxy.reported_pid(), pid);
+    assert_eq!(haproxy.master_pid(), pid);
+    let mut workers = workers.into_inner().unwrap();
+    let worker = haproxy.reported_pid();
+    if workers.last() != Some(&worker) {
+        workers.push(worker);
+    }
+    let log = watch.daemon.log();
+    let reloads = log.matches("HAProxy reloaded through its master CLI").count();
+    assert_eq!(workers.len() - 1, reloads, "workers {workers:?}; {log}");
+    if affected {
+        assert!(reloads >= 1, "HAProxy {version} took a new CA without a reload: {log}");
+    } else {
+        assert_eq!(reloads, 0, "HAProxy {version} was reloaded: {log}");
+    }
+    // Never a CA commit where it breaks HAProxy.
+    assert_eq!(
+        log.contains("ca_file_committed=true"),
+        !affected,
+        "HAProxy {version}: {log}"
+    );
     // Everything it presented came from svid watch, and watch says so.
     let written = watch.written_serials();
     for (serial, _) in &presented {
@@ -618,12 +673,200 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
     assert!(watch.pushes() >= 3, "{}", watch.daemon.log());
     let log = watch.daemon.log();
     assert!(!log.contains("HAProxy update failed"), "{log}");
+    assert!(!log.contains("HAProxy update incomplete"), "{log}");
     eprintln!(
-        "HAProxy (pid {pid}) presented {} serials from {} CAs over {count} connections, none failed; {} pushes",
+        "HAProxy {version} (master pid {pid}) presented {} serials from {} CAs over {count} \
+         connections, none failed; {} pushes, {reloads} reloads for new CAs (workers {workers:?})",
         presented.len(),
         presented.iter().map(|p| &p.1).collect::<BTreeSet<_>>().len(),
         watch.pushes()
     );
+}
+
+/// HAProxy bug #3165 (fixed in 3.3.0) on the HAProxy installed here, step
+/// by step through its runtime API, as `svid watch` used to drive it: a
+/// `commit ssl ca-file` (even of the CAs HAProxy already has) rebuilds the
+/// frontend's TLS context but leaves the new context out of the
+/// certificate's list; a `commit ssl cert` then answers "Success!" and
+/// `show ssl cert` shows the new certificate, yet HAProxy keeps presenting
+/// the old one, and the certificate the context points to is freed; the
+/// next `commit ssl ca-file` walks into it and HAProxy dies of SIGSEGV.
+/// On a release with the fix the same steps present the new certificate
+/// and HAProxy lives. This is why `svid watch` never commits a CA file at
+/// runtime on HAProxy before 3.3 (the tests below show what it does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_before_3_3_breaks_at_a_runtime_ca_commit_then_crashes_at_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, next_ca) = (Ca::new(TD), Ca::new(TD));
+    let (first, second) = (ca.leaf(HAPROXY_ID), ca.leaf(HAPROXY_ID));
+    let client = ca.leaf(CLIENT);
+    let (cert, ca_file, admin) = (
+        d.join("svid.pem"),
+        d.join("bundle.pem"),
+        d.join("admin.sock"),
+    );
+    let pem_of = |leaf: &Leaf| format!("{}{}", leaf.chain_pem, leaf.key_pem);
+    std::fs::write(&cert, pem_of(&first)).unwrap();
+    std::fs::write(&ca_file, ca.bundle_pem()).unwrap();
+    let backend = HttpBackend::start().await;
+    let listen = free_addr();
+    let config = example_config(
+        "server-side.cfg",
+        &[
+            ("/run/haproxy/admin.sock", admin.to_str().unwrap()),
+            ("/etc/haproxy/svid.pem", cert.to_str().unwrap()),
+            ("/etc/haproxy/bundle.pem", ca_file.to_str().unwrap()),
+            ("0.0.0.0:8443", &listen.to_string()),
+            ("127.0.0.1:3000", &backend.addr.to_string()),
+        ],
+    );
+    let mut haproxy = HaProxy::start(d, "haproxy", &config, &admin);
+    let version = haproxy.version();
+    let affected = spiffe_tunnel::helper::haproxy::Version::parse(&version)
+        .unwrap_or_else(|| panic!("HAProxy version {version:?}"))
+        .has_ca_commit_bug();
+    let serial = |leaf: &Leaf| cert_facts(&leaf.chain_der[0]).0;
+    let presented = || async {
+        let chain = tls_get(listen, &client.chain_pem, &client.key_pem).await?;
+        Ok::<_, String>(cert_facts(chain.first().ok_or("no certificate")?).0)
+    };
+    assert_eq!(presented().await, Ok(serial(&first)));
+
+    // 1. A CA commit of the very CAs HAProxy read at start.
+    let answer = haproxy.set_and_commit("ca-file", &ca_file, ca.bundle_pem());
+    assert!(answer.as_ref().is_ok_and(|a| a.contains("Success")), "{answer:?}");
+    // 2. A certificate commit: accepted, and HAProxy's store has it...
+    let answer = haproxy.set_and_commit("cert", &cert, &pem_of(&second));
+    assert!(answer.as_ref().is_ok_and(|a| a.contains("Success")), "{answer:?}");
+    assert_eq!(haproxy.cert_serial(&cert), Some(serial(&second)));
+    // ...but with the bug no TLS context was rebuilt (no dot after
+    // "Committing FILE": one per context) and the old one is presented.
+    let answer = answer.unwrap();
+    let rebuilt = answer
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix(&format!("Committing {}", cert.display())))
+        .map_or(0, |dots| dots.matches('.').count());
+    let now = presented().await;
+    if affected {
+        assert_eq!(rebuilt, 0, "HAProxy {version} rebuilt a context: {answer}");
+        assert_eq!(now, Ok(serial(&first)), "HAProxy {version} presents the new certificate");
+    } else {
+        assert_eq!(now, Ok(serial(&second)), "HAProxy {version}");
+    }
+    // 3. The next CA commit, a CA rotation's.
+    let both = format!("{}{}", ca.bundle_pem(), next_ca.bundle_pem());
+    let answer = haproxy.set_and_commit("ca-file", &ca_file, &both);
+    if affected {
+        wait_until(
+            "HAProxy to die at the second CA commit",
+            Duration::from_secs(10),
+            || haproxy.exit_status().is_some(),
+        )
+        .await;
+        let status = haproxy.exit_status().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(11), "HAProxy {version} ended {status} ({answer:?})");
+        eprintln!("HAProxy {version}: CA commit, certificate commit (\"Success!\", still presenting the old one), CA commit: {status}");
+    } else {
+        assert!(answer.as_ref().is_ok_and(|a| a.contains("Success")), "{answer:?}");
+        assert!(haproxy.is_running(), "HAProxy {version}:\n{}", haproxy.log());
+    }
+}
+
+/// Without the master CLI, `svid watch` refuses to commit a new CA into
+/// an HAProxy before 3.3 (bug #3165): it logs an error that says to reload
+/// HAProxy, and HAProxy stays up and keeps taking every new certificate
+/// through the runtime API (what a single CA commit would have stopped:
+/// see the test above), presenting SVIDs of both CAs in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_master_cli_a_new_ca_is_refused_and_certificates_keep_rotating() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let agent = Agent::start(
+        d,
+        "agent",
+        &["--id", HAPROXY_ID, "--ttl", "3s", "--ca-ttl", "8s"],
+    )
+    .await;
+    let admin = d.join("admin.sock");
+    let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
+    let backend = HttpBackend::start().await;
+    let listen = free_addr();
+    let mut haproxy = HaProxy::start(
+        d,
+        "haproxy",
+        &server_side_config(&admin, &watch, listen, backend.addr),
+        &admin,
+    );
+    let pid = haproxy.pid();
+    let version = haproxy.version();
+    let affected = spiffe_tunnel::helper::haproxy::Version::parse(&version)
+        .unwrap_or_else(|| panic!("HAProxy version {version:?}"))
+        .has_ca_commit_bug();
+    let first_cas = haproxy.ca_file_serials(&watch.ca_file).unwrap();
+    // What HAProxy presents on the wire (read before its check of our
+    // certificate, which may refuse it: TLS 1.3 sends the server's first).
+    let mut presented: Vec<(String, String)> = Vec::new();
+    let mut refused_at = None;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(leaf) = presented_by(listen).await {
+            let facts = cert_facts(&leaf);
+            if presented.last().map(|p| &p.0) != Some(&facts.0) {
+                presented.push((facts.0, facts.1));
+            }
+        }
+        let log = watch.daemon.log();
+        if refused_at.is_none() && log.contains("new CA refused at runtime") {
+            refused_at = Some(presented.len());
+        }
+        let issuers: BTreeSet<_> = presented.iter().map(|p| &p.1).collect();
+        if issuers.len() >= 2 && refused_at.is_some_and(|at| presented.len() >= at + 3) {
+            break;
+        }
+        if !affected && log.contains("ca_file_committed=true") && issuers.len() >= 2 {
+            break;
+        }
+        assert!(
+            haproxy.is_running(),
+            "HAProxy {version} died: {:?}\n{}",
+            haproxy.exit_status(),
+            haproxy.log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy {version} presented {presented:?}; refused at {refused_at:?}; watch:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(haproxy.is_running(), "HAProxy exited:\n{}", haproxy.log());
+    assert_eq!(haproxy.reported_pid(), pid);
+    let log = watch.daemon.log();
+    if affected {
+        assert!(log.contains("reload it (`systemctl reload haproxy`)"), "{log}");
+        assert!(!log.contains("ca_file_committed=true"), "{log}");
+        // HAProxy still has the CAs it read at start.
+        assert_eq!(haproxy.ca_file_serials(&watch.ca_file), Some(first_cas));
+    }
+    eprintln!(
+        "HAProxy {version}: presented {} SVIDs from 2 CAs, the new CA refused at runtime after \
+         {refused_at:?} of them; pid {pid} unchanged",
+        presented.len()
+    );
+}
+
+/// The leaf HAProxy's `bind` at `addr` presents, read with `openssl
+/// s_client` and no client certificate; `None` when it presents none.
+async fn presented_by(addr: SocketAddr) -> Option<CertificateDer<'static>> {
+    let openssl = which("openssl", "apt-get install openssl");
+    let mut command = tokio::process::Command::new(openssl);
+    command.args(["s_client", "-connect", &addr.to_string(), "-tls1_3"]);
+    let (_, out, _) = run(command, b"").await;
+    CertificateDer::pem_slice_iter(out.as_bytes())
+        .next()
+        .and_then(Result::ok)
 }
 
 /// Mixed sidecars, one way: app → spiffe-tunnel outbound (as `web`) →
