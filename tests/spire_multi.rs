@@ -716,9 +716,7 @@ async fn haproxy_sidecars_fed_by_svid_watch_from_their_agents() {
     let pids = [haproxy1.pid(), haproxy2.pid()];
     assert_eq!(pids, [haproxy1.master_pid(), haproxy2.master_pid()]);
     let version = haproxy1.version();
-    let affected = spiffe_tunnel::helper::haproxy::Version::parse(&version)
-        .unwrap_or_else(|| panic!("HAProxy version {version:?}"))
-        .has_ca_commit_bug();
+    let affected = haproxy1.has_ca_commit_bug();
     let first_workers = [haproxy1.reported_pid(), haproxy2.reported_pid()];
     let sides = [(&haproxy1, &files1), (&haproxy2, &files2)];
 
@@ -769,13 +767,20 @@ async fn haproxy_sidecars_fed_by_svid_watch_from_their_agents() {
     }
     let log1 = watch1.log();
     let log2 = watch2.log();
-    let reloads = |log: &str| log.matches("HAProxy reloaded through its master CLI").count();
+    let reloads = |log: &str| {
+        log.matches("HAProxy reloaded through its master CLI")
+            .count()
+    };
     let workers = [haproxies[0].reported_pid(), haproxies[1].reported_pid()];
     for (i, log) in [&log1, &log2].into_iter().enumerate() {
         assert!(!log.contains("HAProxy update failed"), "{log}");
         assert!(!log.contains("HAProxy update incomplete"), "{log}");
         // One bundle change (prepare), so one reload before 3.3, none after.
-        assert_eq!(reloads(log), usize::from(affected), "HAProxy {version}: {log}");
+        assert_eq!(
+            reloads(log),
+            usize::from(affected),
+            "HAProxy {version}: {log}"
+        );
         assert_eq!(
             workers[i] != first_workers[i],
             affected,

@@ -249,7 +249,8 @@ pub fn pem_fingerprints(pem: &str) -> BTreeSet<String> {
     rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
         .filter_map(Result::ok)
         .map(|der| {
-            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &der);
+            let digest =
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &der);
             digest.as_ref().iter().map(|b| format!("{b:02X}")).collect()
         })
         .collect()
@@ -274,17 +275,16 @@ pub async fn reload_for_ca(
     command(master, "reload\n").await?;
     let waited = RELOAD_TIMEOUT;
     let deadline = tokio::time::Instant::now() + waited;
-    let mut last = String::from("nothing yet");
     loop {
-        match info(socket).await {
+        let last = match info(socket).await {
             Ok(now) if now.pid != old_pid => match ca_file_fingerprints(socket, ca_file).await {
                 Ok(held) if &held == wanted => return Ok(now.pid),
-                Ok(held) => last = format!("worker {} holds CAs {held:?}", now.pid),
-                Err(e) => last = e.to_string(),
+                Ok(held) => format!("worker {} holds CAs {held:?}", now.pid),
+                Err(e) => e.to_string(),
             },
-            Ok(now) => last = format!("still the old worker {}", now.pid),
-            Err(e) => last = e.to_string(),
-        }
+            Ok(now) => format!("still the old worker {}", now.pid),
+            Err(e) => e.to_string(),
+        };
         if tokio::time::Instant::now() >= deadline {
             return Err(HaproxyError::ReloadFailed {
                 master: master.display().to_string(),

@@ -291,6 +291,21 @@ impl HaProxy {
             .unwrap_or_else(|| panic!("no Version in `show info`:\n{info}"))
     }
 
+    /// Whether this HAProxy has bug #3165 (a runtime CA commit breaks it;
+    /// fixed in 3.3.0): every release before 3.3, as `svid watch` judges
+    /// it, stated here on its own so the tests do not take the code's word.
+    pub fn has_ca_commit_bug(&self) -> bool {
+        let version = self.version();
+        let mut parts = version.split(|c: char| !c.is_ascii_digit());
+        let mut next = || -> u32 {
+            parts
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("HAProxy version {version:?}"))
+        };
+        (next(), next()) < (3, 3)
+    }
+
     /// `set ssl <object> FILE` with `pem` as payload (empty lines, which
     /// would end it, dropped), then `commit ssl <object> FILE`; the
     /// commit's answer, or the error of a connection HAProxy dropped.
