@@ -252,20 +252,40 @@ impl HaProxy {
         Some(serials)
     }
 
-    /// The master's pid, as its master CLI gives it (`show proc`).
+    /// The master's pid, as its master CLI gives it (`show proc`). A
+    /// reload re-executes the master, which then binds its CLI anew:
+    /// refusals meanwhile are waited out, for up to 10 s.
     pub fn master_pid(&self) -> u32 {
         let master = self.master.as_ref().expect("not started master-worker");
-        let mut stream = UnixStream::connect(master).unwrap();
-        stream.write_all(b"show proc\n").unwrap();
-        stream.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).unwrap();
-        answer
-            .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some("master"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no master in `show proc`:\n{answer}"))
+        let ask = || -> std::io::Result<String> {
+            let mut stream = UnixStream::connect(master)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"show proc\n")?;
+            stream.shutdown(std::net::Shutdown::Write)?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = ask();
+            let pid = answer.as_ref().ok().and_then(|answer| {
+                answer
+                    .lines()
+                    .find(|l| l.split_whitespace().nth(1) == Some("master"))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|p| p.parse().ok())
+            });
+            if let Some(pid) = pid {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no master in `show proc` on {}: {answer:?}",
+                master.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {
