@@ -110,8 +110,11 @@ impl Watch {
     /// Starts it and returns once `cert` and `ca_file` exist (so HAProxy
     /// can be started on them). Pushes into the HAProxy whose stats socket
     /// is `admin`, if given.
+    /// With `admin`, HAProxy's master CLI is taken to be [`master_of`]
+    /// it, as [`start_haproxy`] starts HAProxy.
     async fn start(dir: &Path, name: &str, agent: &Agent, id: &str, admin: Option<&Path>) -> Self {
-        Self::start_with(dir, name, agent, id, admin, None).await
+        let master = admin.map(master_of);
+        Self::start_with(dir, name, agent, id, admin, master.as_deref()).await
     }
 
     /// [`Watch::start`], also given HAProxy's master CLI
@@ -235,6 +238,18 @@ impl HttpBackend {
     fn accepts(&self) -> usize {
         self.accepts.load(Ordering::SeqCst)
     }
+}
+
+/// The master CLI of the HAProxy whose stats socket is `admin`.
+fn master_of(admin: &Path) -> PathBuf {
+    admin.with_extension("master.sock")
+}
+
+/// HAProxy on `config`, master-worker as Debian runs it, its master CLI at
+/// [`master_of`] `admin`: HAProxy before 3.0 takes SVIDs without a DNS
+/// name only by a reload (see the README), which `svid watch` does there.
+fn start_haproxy(dir: &Path, name: &str, config: &str, admin: &Path) -> HaProxy {
+    HaProxy::start_master_worker_in(None, dir, name, config, admin, &master_of(admin))
 }
 
 // ------------------------------------------------------------ configs
@@ -373,7 +388,15 @@ async fn tls_get(
     chain_pem: &str,
     key_pem: &str,
 ) -> Result<Vec<CertificateDer<'static>>, String> {
-    let config = raw_client_config(Some((chain_pem, key_pem)));
+    tls_get_with(addr, raw_client_config(Some((chain_pem, key_pem)))).await
+}
+
+/// [`tls_get`] with a client config of the caller's (say, one that
+/// presents no certificate).
+async fn tls_get_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let exchange = async {
         let tcp = TcpStream::connect(addr).await?;
         let connector = tokio_rustls::TlsConnector::from(config);
@@ -521,11 +544,12 @@ fn provider() -> rustls::crypto::CryptoProvider {
 /// presents on its `bind ... ssl crt` line changes at least three times, a
 /// CA rotation included (the new CA reaches HAProxy's `ca-file` before any
 /// client presents an SVID it signed), no connection fails, and the
-/// master is the same process throughout. Certificates go in through the
-/// runtime API, never by a reload. A new CA goes in through `commit ssl
-/// ca-file` on HAProxy 3.3 and later; before 3.3 (bug #3165, see above),
-/// through a `reload` on the master CLI, one per bundle change and none
-/// for an unchanged bundle: each new worker is counted.
+/// master is the same process throughout. On HAProxy 3.3 and later
+/// everything goes in through the runtime API. Before, what a runtime
+/// commit would break (a new CA before 3.3, bug #3165; before 3.0 also an
+/// SVID without a DNS name, which would turn `verify required` off: see
+/// the tests above) goes in by a `reload` on the master CLI, and nothing
+/// else does: each new worker is counted against the reloads logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_presents_each_new_svid_and_takes_each_new_ca_keeping_its_pid() {
     let dir = tempfile::tempdir().unwrap();
@@ -619,8 +643,9 @@ async fn haproxy_presents_each_new_svid_and_takes_each_new_ca_keeping_its_pid() 
     );
     let presented = presented.into_inner().unwrap();
 
-    // The same HAProxy master all along; a new worker only for a new CA,
-    // and only where HAProxy cannot take one at runtime.
+    // The same HAProxy master all along; a new worker only where HAProxy
+    // cannot take the update at runtime: a new CA before 3.3, and before
+    // 3.0 also an SVID without a DNS name (the dev agent's have none).
     assert!(haproxy.is_running(), "HAProxy exited:\n{}", haproxy.log());
     assert_eq!(haproxy.master_pid(), pid);
     let mut workers = workers.into_inner().unwrap();
@@ -687,7 +712,7 @@ async fn haproxy_presents_each_new_svid_and_takes_each_new_ca_keeping_its_pid() 
     assert!(!log.contains("HAProxy update incomplete"), "{log}");
     eprintln!(
         "HAProxy {version} (master pid {pid}) presented {} serials from {} CAs over {count} \
-         connections, none failed; {} pushes, {reloads} reloads for new CAs (workers {workers:?})",
+         connections, none failed; {} pushes, {reloads} reloads (workers {workers:?})",
         presented.len(),
         presented
             .iter()
@@ -818,13 +843,100 @@ async fn haproxy_before_3_3_breaks_at_a_runtime_ca_commit_then_crashes_at_the_ne
     }
 }
 
-/// Without the master CLI, `svid watch` refuses to commit a new CA into
-/// an HAProxy before 3.3 (bug #3165): it logs an error that says to reload
-/// HAProxy, and HAProxy stays up and keeps taking every new certificate
-/// through the runtime API (what a single CA commit would have stopped:
-/// see the test above), presenting SVIDs of both CAs in turn.
+/// HAProxy before 3.0, `bind ... crt FILE ... verify required`, and a
+/// certificate with no DNS name nor CN (as SPIRE issues them by default):
+/// one runtime `commit ssl cert` and that line lets in a client without
+/// any certificate, and one whose certificate no CA in `ca-file` signed.
+/// This is why `svid watch` never commits such a certificate at runtime
+/// into HAProxy before 3.0 (the test after this one). With a DNS name the
+/// line keeps its settings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_master_cli_a_new_ca_is_refused_and_certificates_keep_rotating() {
+async fn haproxy_before_3_0_lets_anyone_in_after_a_runtime_commit_of_a_nameless_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(TD);
+    let (first, second) = (ca.leaf(HAPROXY_ID), ca.leaf(HAPROXY_ID));
+    let client = ca.leaf(CLIENT);
+    let stranger = Ca::new(TD).leaf(INTRUDER);
+    let (cert, ca_file, admin) = (
+        d.join("svid.pem"),
+        d.join("bundle.pem"),
+        d.join("admin.sock"),
+    );
+    let pem_of = |leaf: &Leaf| format!("{}{}", leaf.chain_pem, leaf.key_pem);
+    std::fs::write(&cert, pem_of(&first)).unwrap();
+    std::fs::write(&ca_file, ca.bundle_pem()).unwrap();
+    let backend = HttpBackend::start().await;
+    let listen = free_addr();
+    let config = example_config(
+        "server-side.cfg",
+        &[
+            ("/run/haproxy/admin.sock", admin.to_str().unwrap()),
+            ("/etc/haproxy/svid.pem", cert.to_str().unwrap()),
+            ("/etc/haproxy/bundle.pem", ca_file.to_str().unwrap()),
+            ("0.0.0.0:8443", &listen.to_string()),
+            ("127.0.0.1:3000", &backend.addr.to_string()),
+        ],
+    );
+    let haproxy = HaProxy::start(d, "haproxy", &config, &admin);
+    let version = haproxy.version();
+    let old = haproxy.has_ca_commit_bug() && {
+        let minor: Vec<u32> = version
+            .split(|c: char| !c.is_ascii_digit())
+            .take(2)
+            .map(|p| p.parse().unwrap())
+            .collect();
+        minor[0] < 3
+    };
+    let lets_in = |leaf: Option<&Leaf>| {
+        let pair = leaf.map(|l| (l.chain_pem.clone(), l.key_pem.clone()));
+        async move {
+            let config = raw_client_config(pair.as_ref().map(|(c, k)| (c.as_str(), k.as_str())));
+            tls_get_with(listen, config).await.is_ok()
+        }
+    };
+    assert!(lets_in(Some(&client)).await);
+    assert!(
+        !lets_in(None).await,
+        "HAProxy {version} let in a client without a certificate"
+    );
+    assert!(!lets_in(Some(&stranger)).await);
+    let answer = haproxy.set_and_commit("cert", &cert, &pem_of(&second));
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.contains("Success")),
+        "{answer:?}"
+    );
+    assert!(lets_in(Some(&client)).await);
+    if old {
+        assert!(
+            lets_in(None).await,
+            "HAProxy {version} kept verify required"
+        );
+        assert!(
+            lets_in(Some(&stranger)).await,
+            "HAProxy {version} kept its ca-file"
+        );
+        eprintln!("HAProxy {version}: after one commit of a certificate without a DNS name, `verify required` is gone");
+    } else {
+        assert!(
+            !lets_in(None).await,
+            "HAProxy {version} let in a client without a certificate"
+        );
+        assert!(
+            !lets_in(Some(&stranger)).await,
+            "HAProxy {version} let in a stranger"
+        );
+    }
+}
+
+/// Without the master CLI, `svid watch` commits nothing into an HAProxy
+/// before 3.0 that could leave it open or broken: SVIDs without a DNS name
+/// are refused (an error says why and what to do), and so is a new CA;
+/// HAProxy keeps presenting the SVID it started with, keeps refusing a
+/// client without a certificate, and stays up. (On 3.0 to 3.2 the SVIDs go
+/// in at runtime and only the CA is refused; on 3.3 both go in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_master_cli_nothing_unsafe_is_committed_into_an_old_haproxy() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let agent = Agent::start(
@@ -834,7 +946,7 @@ async fn without_the_master_cli_a_new_ca_is_refused_and_certificates_keep_rotati
     )
     .await;
     let admin = d.join("admin.sock");
-    let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
+    let watch = Watch::start_with(d, "haproxy", &agent, HAPROXY_ID, Some(&admin), None).await;
     let backend = HttpBackend::start().await;
     let listen = free_addr();
     let mut haproxy = HaProxy::start(
@@ -845,60 +957,50 @@ async fn without_the_master_cli_a_new_ca_is_refused_and_certificates_keep_rotati
     );
     let pid = haproxy.pid();
     let version = haproxy.version();
-    let affected = haproxy.has_ca_commit_bug();
+    let first_serial = presented_by(listen).await.map(|leaf| cert_facts(&leaf).0);
+    assert!(first_serial.is_some());
     let first_cas = haproxy.ca_file_serials(&watch.ca_file).unwrap();
-    // What HAProxy presents on the wire (read before its check of our
-    // certificate, which may refuse it: TLS 1.3 sends the server's first).
-    let mut presented: Vec<(String, String)> = Vec::new();
-    let mut refused_at = None;
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Some(leaf) = presented_by(listen).await {
-            let facts = cert_facts(&leaf);
-            if presented.last().map(|p| &p.0) != Some(&facts.0) {
-                presented.push((facts.0, facts.1));
-            }
-        }
-        let log = watch.daemon.log();
-        if refused_at.is_none() && log.contains("new CA refused at runtime") {
-            refused_at = Some(presented.len());
-        }
-        let issuers: BTreeSet<_> = presented.iter().map(|p| &p.1).collect();
-        if issuers.len() >= 2 && refused_at.is_some_and(|at| presented.len() >= at + 3) {
-            break;
-        }
-        if !affected && log.contains("ca_file_committed=true") && issuers.len() >= 2 {
-            break;
-        }
-        assert!(
-            haproxy.is_running(),
-            "HAProxy {version} died: {:?}\n{}",
-            haproxy.exit_status(),
-            haproxy.log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "HAProxy {version} presented {presented:?}; refused at {refused_at:?}; watch:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(haproxy.is_running(), "HAProxy exited:\n{}", haproxy.log());
-    assert_eq!(haproxy.reported_pid(), pid);
+    // Past a CA change (the agent adds the next CA 4 s in), with pushes
+    // (or refusals) after it.
+    wait_until(
+        "svid watch to handle a new CA",
+        Duration::from_secs(30),
+        || {
+            let prepared = agent.daemon.log().contains("prepared the next CA");
+            let log = watch.daemon.log();
+            let handled = log.matches("HAProxy update refused").count()
+                + log.matches("HAProxy update incomplete").count()
+                + log.matches("HAProxy now presents").count();
+            prepared && handled >= 6
+        },
+    )
+    .await;
     let log = watch.daemon.log();
-    if affected {
-        assert!(
-            log.contains("reload it (`systemctl reload haproxy`)"),
-            "{log}"
-        );
+    assert!(
+        haproxy.is_running(),
+        "HAProxy {version} died: {:?}",
+        haproxy.exit_status()
+    );
+    assert_eq!(haproxy.reported_pid(), pid);
+    if haproxy.has_ca_commit_bug() {
         assert!(!log.contains("ca_file_committed=true"), "{log}");
-        // HAProxy still has the CAs it read at start.
         assert_eq!(haproxy.ca_file_serials(&watch.ca_file), Some(first_cas));
     }
-    eprintln!(
-        "HAProxy {version}: presented {} SVIDs from 2 CAs, the new CA refused at runtime after \
-         {refused_at:?} of them; pid {pid} unchanged",
-        presented.len()
+    if log.contains("new SVID not committed at runtime") {
+        assert!(log.contains("would let in any client"), "{log}");
+        assert!(!log.contains("HAProxy now presents the new SVID"), "{log}");
+        assert_eq!(
+            presented_by(listen).await.map(|leaf| cert_facts(&leaf).0),
+            first_serial
+        );
+    }
+    // Whatever went in, HAProxy still wants a client certificate.
+    let config = raw_client_config(None);
+    assert!(
+        tls_get_with(listen, config).await.is_err(),
+        "HAProxy {version} let in a client without a certificate"
     );
+    eprintln!("HAProxy {version}: nothing unsafe committed, pid {pid} unchanged, verify kept");
 }
 
 /// The leaf HAProxy's `bind` at `addr` presents, read with `openssl
@@ -932,7 +1034,7 @@ async fn spiffe_tunnel_outbound_into_haproxy_frontend_across_rotations() {
     let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
     let backend = HttpBackend::start().await;
     let haproxy_addr = free_addr();
-    let haproxy = HaProxy::start(
+    let haproxy = start_haproxy(
         d,
         "haproxy",
         &server_side_config(&admin, &watch, haproxy_addr, backend.addr),
@@ -1013,7 +1115,7 @@ async fn haproxy_server_line_into_spiffe_tunnel_inbound_across_rotations() {
     let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
     let first_expiry = not_after(&watch.cert);
     let local = free_addr();
-    let haproxy = HaProxy::start(
+    let haproxy = start_haproxy(
         d,
         "haproxy",
         &client_side_config(&admin, &watch, local, inbound_addr),
@@ -1065,7 +1167,7 @@ async fn two_haproxy_sidecars_fed_by_svid_watch() {
     let api_admin = d.join("api-admin.sock");
     let api_watch = Watch::start(d, "api", &agent, API, Some(&api_admin)).await;
     let mtls_addr = free_addr();
-    let api_haproxy = HaProxy::start(
+    let api_haproxy = start_haproxy(
         d,
         "haproxy-api",
         &server_side_config(&api_admin, &api_watch, mtls_addr, backend.addr),
@@ -1074,7 +1176,7 @@ async fn two_haproxy_sidecars_fed_by_svid_watch() {
     let web_admin = d.join("web-admin.sock");
     let web_watch = Watch::start(d, "web", &agent, WEB, Some(&web_admin)).await;
     let local = free_addr();
-    let web_haproxy = HaProxy::start(
+    let web_haproxy = start_haproxy(
         d,
         "haproxy-web",
         &client_side_config(&web_admin, &web_watch, local, mtls_addr),

@@ -19,6 +19,15 @@
 //! HAProxy presents, and free the certificate those contexts still point
 //! to; the next `commit ssl ca-file` then dereferences it and HAProxy dies
 //! (SIGSEGV). [`Version::has_ca_commit_bug`] says which versions.
+//!
+//! HAProxy before 3.0 has a worse one: it rebuilds a `bind` line's TLS
+//! context on a commit but applies the line's settings (`verify required`,
+//! `ca-file`, `ssl-min-ver`, ...) only to contexts reached through an SNI
+//! name, and a certificate with neither a CN nor a DNS name has none (an
+//! X509-SVID from SPIRE has neither by default). After one `commit ssl
+//! cert` of such a certificate, that `bind` line accepts any client, with
+//! or without a certificate. [`Version::drops_bind_settings_of_nameless`]
+//! and [`has_sni_name`] say when; the pusher then reloads instead.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -66,7 +75,9 @@ pub enum HaproxyError {
     Busy { command: String, answer: String },
     #[error("HAProxy {version} cannot take a new CA file at runtime: `commit ssl ca-file` makes it stop applying certificate updates and crash at the next CA update (HAProxy bug #3165, fixed in 3.3.0). The new bundle is written to {file:?}, and HAProxy keeps the CAs it has until it is reloaded: reload it (`systemctl reload haproxy`), or give `--haproxy-master-socket` (HAProxy run with `-W -S PATH`) so that svid watch reloads it itself")]
     CaNeedsReload { version: String, file: String },
-    #[error("HAProxy's master CLI at {master} took `reload`, but no new worker holding the new CA answered on {socket} within {waited:?} (a config error keeps the old worker: see HAProxy's log, and `show proc` on the master CLI counts failed reloads); last seen: {last}")]
+    #[error("HAProxy {version} cannot take this SVID at runtime: it has no DNS name (nor CN), and a `commit ssl cert` of such a certificate makes HAProxy before 3.0 drop the settings of a `bind` line that uses it, `verify required` included, so that line would let in any client. The new SVID is written to {file:?} and HAProxy keeps presenting the one it has: give `--haproxy-master-socket` (HAProxy run with `-W -S PATH`) so that svid watch reloads HAProxy for each new SVID, or reload it yourself (`systemctl reload haproxy`), or use HAProxy 3.0 or later")]
+    CertNeedsReload { version: String, file: String },
+    #[error("HAProxy's master CLI at {master} took `reload`, but no new worker holding the new files answered on {socket} within {waited:?} (a config error keeps the old worker: see HAProxy's log, and `show proc` on the master CLI counts failed reloads); last seen: {last}")]
     ReloadFailed {
         master: String,
         socket: String,
@@ -158,6 +169,13 @@ impl Version {
     /// fix this costs a reload where a commit would do, never a crash.
     pub fn has_ca_commit_bug(&self) -> bool {
         (self.major, self.minor) < (3, 3)
+    }
+
+    /// Whether a runtime certificate commit leaves a `bind` line without
+    /// its settings when the certificate has no SNI name (fixed in 3.0 by
+    /// "generate '*' SNI filters for default certificates", 0bf9d122a).
+    pub fn drops_bind_settings_of_nameless(&self) -> bool {
+        (self.major, self.minor) < (3, 0)
     }
 }
 
@@ -256,18 +274,87 @@ pub fn pem_fingerprints(pem: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether HAProxy finds an SNI name in the leaf (the first certificate of
+/// `pem`): a DNS name, or a CN. Unparsable counts as none.
+pub fn has_sni_name(pem: &str) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::extensions::GeneralName;
+    let Some(Ok(der)) = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next()
+    else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return false;
+    };
+    let dns = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value
+                .general_names
+                .iter()
+                .any(|n| matches!(n, GeneralName::DNSName(_)))
+        });
+    dns || cert.subject().iter_common_name().next().is_some()
+}
+
+/// The serial (upper-case hex, no leading zeros) of the certificate
+/// HAProxy holds for `file` (`show ssl cert FILE`).
+pub async fn cert_serial(socket: &Path, file: &Path) -> Result<String, HaproxyError> {
+    let show = format!("show ssl cert {}", file.display());
+    let answer = command(socket, &format!("{show}\n")).await?;
+    if is_busy(&answer.to_lowercase()) {
+        return Err(HaproxyError::Busy {
+            command: show,
+            answer,
+        });
+    }
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("Serial:"))
+        .map(|s| normal_serial(s.trim()))
+        .ok_or(HaproxyError::Unparsable {
+            command: show,
+            what: "Serial",
+            answer,
+        })
+}
+
+/// The serial of the leaf of `pem`, spelled as [`cert_serial`] gets it.
+pub fn pem_serial(pem: &str) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let hex: String = cert
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    Some(normal_serial(&hex))
+}
+
+fn normal_serial(hex: &str) -> String {
+    hex.replace(':', "")
+        .to_uppercase()
+        .trim_start_matches('0')
+        .to_string()
+}
+
 /// Asks HAProxy's master to reload, then waits until a new worker (a pid
-/// other than `old_pid`) answers on the stats socket holding `wanted` for
-/// the `ca-file` `ca_file`. The new worker reads every file from disk,
-/// so it starts with the current certificate too, and in master-worker
-/// mode it takes the listening sockets over from the old one, which
-/// finishes the connections it has.
-pub async fn reload_for_ca(
+/// other than `old_pid`) answers on the stats socket, holding `wanted`
+/// for the `ca-file` `ca_file` when given. The new worker reads every
+/// file from disk, so it starts with the current certificate and CAs, and
+/// in master-worker mode it takes the listening sockets over from the old
+/// one, which finishes the connections it has.
+pub async fn reload(
     master: &Path,
     socket: &Path,
     old_pid: u32,
-    ca_file: &Path,
-    wanted: &BTreeSet<String>,
+    ca_file: Option<(&Path, &BTreeSet<String>)>,
 ) -> Result<u32, HaproxyError> {
     // The master execs itself at once, closing this connection without
     // an answer (2.6 reports nothing here; later releases print the
@@ -277,10 +364,13 @@ pub async fn reload_for_ca(
     let deadline = tokio::time::Instant::now() + waited;
     loop {
         let last = match info(socket).await {
-            Ok(now) if now.pid != old_pid => match ca_file_fingerprints(socket, ca_file).await {
-                Ok(held) if &held == wanted => return Ok(now.pid),
-                Ok(held) => format!("worker {} holds CAs {held:?}", now.pid),
-                Err(e) => e.to_string(),
+            Ok(now) if now.pid != old_pid => match ca_file {
+                None => return Ok(now.pid),
+                Some((file, wanted)) => match ca_file_fingerprints(socket, file).await {
+                    Ok(held) if &held == wanted => return Ok(now.pid),
+                    Ok(held) => format!("worker {} holds CAs {held:?}", now.pid),
+                    Err(e) => e.to_string(),
+                },
             },
             Ok(now) => format!("still the old worker {}", now.pid),
             Err(e) => e.to_string(),

@@ -1,18 +1,21 @@
 //! What `svid watch` sends a running HAProxy on each update, and in which
 //! order, so that HAProxy presents the new SVID and trusts the new bundle
-//! without ever being sent a sequence that breaks it.
+//! without ever being sent a sequence that breaks it (see [`haproxy`] for
+//! the two HAProxy bugs this works around).
 //!
-//! Each update: the certificate is committed (`set/commit ssl cert`); the
-//! CA file only when the bundle differs from what HAProxy holds (`show ssl
-//! ca-file`, by fingerprint), which is never the case on the first push
-//! after HAProxy read the file at start. A real CA change is committed at
-//! runtime only on an HAProxy without bug #3165 (see [`haproxy`]); on one
-//! with it, a single `commit ssl ca-file` silently freezes the certificate
-//! HAProxy presents and sets up a crash at the next CA commit, so the
-//! change goes in as a master-worker `reload` when the master CLI is
-//! given, and is otherwise refused with an error that tells the operator
-//! to reload. Retried with backoff until it goes through or a newer update
-//! replaces it.
+//! Each update: the certificate is committed (`set/commit ssl cert`),
+//! unless HAProxy is older than 3.0 and the SVID has no DNS name nor CN
+//! (SPIRE's default), where that commit would leave a `bind` line letting
+//! in any client: then the new SVID goes in by a master-worker `reload`,
+//! or, without the master CLI, is refused with an error that says so. The
+//! CA file is sent only when the bundle differs from what HAProxy holds
+//! (`show ssl ca-file`, by fingerprint), which is never the case on the
+//! first push after HAProxy read the file at start. A real CA change is
+//! committed at runtime only on HAProxy 3.3 and later; before, one `commit
+//! ssl ca-file` silently freezes the certificate HAProxy presents and sets
+//! up a crash at the next CA commit, so the change goes in by a `reload`,
+//! or is refused likewise. Retried with backoff until it goes through or
+//! a newer update replaces it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,9 +38,13 @@ enum Pushed {
     Cert,
     /// The certificate, then the new CA file, both at runtime.
     CertAndCa,
-    /// HAProxy was reloaded through its master CLI for the new CA: a new
-    /// worker read both files from disk.
-    Reloaded { old_pid: u32, new_pid: u32 },
+    /// HAProxy was reloaded through its master CLI: a new worker read
+    /// both files from disk.
+    Reloaded {
+        old_pid: u32,
+        new_pid: u32,
+        why: &'static str,
+    },
 }
 
 /// Pushes each new certificate (and CA file) into HAProxy, retrying with
@@ -56,9 +63,14 @@ pub async fn push_to_haproxy(
         loop {
             match push(&socket, &target, &cert, &ca).await {
                 Ok(pushed) => {
-                    if let Pushed::Reloaded { old_pid, new_pid } = pushed {
-                        info!(socket = %socket.display(), old_worker = old_pid, new_worker = new_pid,
-                            "HAProxy reloaded through its master CLI for the new CA (its runtime CA updates are broken: bug #3165)");
+                    if let Pushed::Reloaded {
+                        old_pid,
+                        new_pid,
+                        why,
+                    } = pushed
+                    {
+                        info!(socket = %socket.display(), old_worker = old_pid, new_worker = new_pid, why,
+                            "HAProxy reloaded through its master CLI");
                     }
                     info!(socket = %socket.display(), cert = %target.cert.display(), ca_file_committed = (pushed == Pushed::CertAndCa), "HAProxy now presents the new SVID");
                     break;
@@ -70,6 +82,9 @@ pub async fn push_to_haproxy(
                     // The certificate went in; only the CA waits for the
                     // operator, checked again on each retry.
                     error!(error = %e, retry_in = ?backoff, "HAProxy update incomplete: new CA refused at runtime");
+                }
+                Err(e @ HaproxyError::CertNeedsReload { .. }) => {
+                    error!(error = %e, retry_in = ?backoff, "HAProxy update refused: new SVID not committed at runtime");
                 }
                 Err(e) => {
                     error!(error = %e, retry_in = ?backoff, "HAProxy update failed");
@@ -96,31 +111,70 @@ async fn push(
     ca: &str,
 ) -> Result<Pushed, HaproxyError> {
     let before = haproxy::info(socket).await?;
-    // Safe on every version: without a runtime CA commit in this worker's
-    // life (we never make one where it is broken), every TLS context using
-    // the certificate is in its list and is rebuilt.
-    haproxy::update_cert(socket, &target.cert, cert).await?;
-    let Some(ca_file) = &target.ca_file else {
-        return Ok(Pushed::Cert);
-    };
-    let wanted = haproxy::pem_fingerprints(ca);
-    if haproxy::ca_file_fingerprints(socket, ca_file).await? == wanted {
-        return Ok(Pushed::Cert);
+    // An unknown release string counts as the oldest: a reload never hurts.
+    let version = before.version;
+    let cert_commit_safe = haproxy::has_sni_name(cert)
+        || version.is_some_and(|v| !v.drops_bind_settings_of_nameless());
+    let ca_commit_safe = version.is_some_and(|v| !v.has_ca_commit_bug());
+    let mut reload_for = None;
+    let mut cert_pending = false;
+    if cert_commit_safe {
+        // With no runtime CA commit in this worker's life (none is made
+        // where it is broken), every TLS context using the certificate is
+        // in its list and is rebuilt.
+        haproxy::update_cert(socket, &target.cert, cert).await?;
+    } else if haproxy::cert_serial(socket, &target.cert).await?
+        != haproxy::pem_serial(cert).unwrap_or_default()
+    {
+        cert_pending = true;
+        reload_for = Some("a new SVID without a DNS name: a runtime commit would drop a bind line's verify (HAProxy before 3.0)");
     }
-    // An unknown release string counts as affected: a reload never hurts.
-    if !before.version.is_none_or(|v| v.has_ca_commit_bug()) {
-        haproxy::update_ca_file(socket, ca_file, ca).await?;
-        return Ok(Pushed::CertAndCa);
+    let mut ca_wanted = None;
+    let mut ca_committed = false;
+    if let Some(ca_file) = &target.ca_file {
+        let wanted = haproxy::pem_fingerprints(ca);
+        if haproxy::ca_file_fingerprints(socket, ca_file).await? != wanted {
+            if ca_commit_safe {
+                haproxy::update_ca_file(socket, ca_file, ca).await?;
+                ca_committed = true;
+            } else {
+                reload_for.get_or_insert(
+                    "a new CA: runtime CA updates break HAProxy before 3.3 (bug #3165)",
+                );
+                ca_wanted = Some((ca_file.as_path(), wanted));
+            }
+        }
     }
-    let Some(master) = &target.master_socket else {
-        return Err(HaproxyError::CaNeedsReload {
-            version: before.version_text,
-            file: ca_file.display().to_string(),
+    let Some(why) = reload_for else {
+        return Ok(if ca_committed {
+            Pushed::CertAndCa
+        } else {
+            Pushed::Cert
         });
     };
-    let new_pid = haproxy::reload_for_ca(master, socket, before.pid, ca_file, &wanted).await?;
+    let Some(master) = &target.master_socket else {
+        let version = before.version_text;
+        return Err(if !cert_pending {
+            HaproxyError::CaNeedsReload {
+                version,
+                file: target
+                    .ca_file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default(),
+            }
+        } else {
+            HaproxyError::CertNeedsReload {
+                version,
+                file: target.cert.display().to_string(),
+            }
+        });
+    };
+    let ca_check = ca_wanted.as_ref().map(|(file, wanted)| (*file, wanted));
+    let new_pid = haproxy::reload(master, socket, before.pid, ca_check).await?;
     Ok(Pushed::Reloaded {
         old_pid: before.pid,
         new_pid,
+        why,
     })
 }
