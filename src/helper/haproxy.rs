@@ -462,16 +462,16 @@ async fn abort(socket: &Path, object: &str, name: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
     /// A stats socket answering each connection (one command each, as the
     /// runtime API's non-interactive mode) with the next scripted answer;
     /// the task returns the commands it received.
-    fn fake_haproxy(
+    pub(crate) fn fake_haproxy(
         socket: &Path,
-        answers: Vec<&'static str>,
+        answers: Vec<String>,
     ) -> tokio::task::JoinHandle<Vec<String>> {
         let listener = UnixListener::bind(socket).unwrap();
         tokio::spawn(async move {
@@ -497,8 +497,8 @@ mod tests {
         let server = fake_haproxy(
             &socket,
             vec![
-                "transaction created for CA /etc/haproxy/bundle.pem!\n\n",
-                "Committing /etc/haproxy/bundle.pem\nSuccess!\n\n",
+                "transaction created for CA /etc/haproxy/bundle.pem!\n\n".into(),
+                "Committing /etc/haproxy/bundle.pem\nSuccess!\n\n".into(),
             ],
         );
         update_ca_file(&socket, Path::new("/etc/haproxy/bundle.pem"), PEM)
@@ -520,8 +520,8 @@ mod tests {
         let server = fake_haproxy(
             &socket,
             vec![
-                "Can't update the certificate!\nOperations on certificates are currently locked!\n\n",
-                "No ongoing transaction!\n\n",
+                "Can't update the certificate!\nOperations on certificates are currently locked!\n\n".into(),
+                "No ongoing transaction!\n\n".into(),
             ],
         );
         let e = update_cert(&socket, Path::new("/etc/haproxy/svid.pem"), PEM)
@@ -540,8 +540,8 @@ mod tests {
         let _server = fake_haproxy(
             &socket,
             vec![
-                "Can't replace a certificate which is not referenced by the configuration!\nCan't update /etc/haproxy/other.pem!\n\n",
-                "No ongoing transaction!\n\n",
+                "Can't replace a certificate which is not referenced by the configuration!\nCan't update /etc/haproxy/other.pem!\n\n".into(),
+                "No ongoing transaction!\n\n".into(),
             ],
         );
         let e = update_cert(&socket, Path::new("/etc/haproxy/other.pem"), PEM)
@@ -549,5 +549,40 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, HaproxyError::Unknown { .. }), "{e}");
         assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn versions_as_haproxy_spells_them() {
+        let debian = Version::parse("2.6.12-1+deb12u4").unwrap();
+        assert_eq!(debian.to_string(), "2.6.12");
+        assert!(debian.has_ca_commit_bug() && debian.drops_bind_settings_of_nameless());
+        let dev = Version::parse("3.3-dev5").unwrap();
+        assert_eq!(dev.to_string(), "3.3.0");
+        assert!(!dev.has_ca_commit_bug() && !dev.drops_bind_settings_of_nameless());
+        let lts = Version::parse("3.0.11").unwrap();
+        assert!(lts.has_ca_commit_bug() && !lts.drops_bind_settings_of_nameless());
+        assert_eq!(Version::parse("unknown"), None);
+    }
+
+    #[test]
+    fn a_spiffe_only_certificate_has_no_sni_name() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://example.org/web".try_into().unwrap(),
+        )];
+        let spiffe_only = params.self_signed(&key).unwrap().pem();
+        assert!(!has_sni_name(&spiffe_only));
+        params.subject_alt_names.push(rcgen::SanType::DnsName(
+            "web.example.org".try_into().unwrap(),
+        ));
+        assert!(has_sni_name(&params.self_signed(&key).unwrap().pem()));
+        let mut named = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        named
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "web");
+        assert!(has_sni_name(&named.self_signed(&key).unwrap().pem()));
+        assert!(!has_sni_name("not a certificate"));
     }
 }

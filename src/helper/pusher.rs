@@ -178,3 +178,86 @@ async fn push(
         why,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::helper::haproxy::tests::fake_haproxy;
+
+    fn spiffe_only() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://example.org/web".try_into().unwrap(),
+        )];
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), format!("{}{}", cert.pem(), key.serialize_pem()))
+    }
+
+    fn target(socket: &std::path::Path, master: Option<PathBuf>) -> HaproxyTarget {
+        HaproxyTarget {
+            socket: Some(socket.to_path_buf()),
+            master_socket: master,
+            cert: "/etc/haproxy/svid.pem".into(),
+            ca_file: Some("/etc/haproxy/bundle.pem".into()),
+        }
+    }
+
+    fn ca_answer(pem: &str) -> String {
+        let lines: String = haproxy::pem_fingerprints(pem)
+            .iter()
+            .map(|f| format!("Certificate #1:\nSHA1 FingerPrint: {f}\n"))
+            .collect();
+        format!("Filename: /etc/haproxy/bundle.pem\nStatus: Used\n{lines}\n")
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_bundle_is_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        let (ca, cert) = spiffe_only();
+        let server = fake_haproxy(
+            &socket,
+            vec![
+                "Name: HAProxy\nVersion: 3.3.0\nPid: 42\n".into(),
+                "Transaction created for certificate /etc/haproxy/svid.pem!\n".into(),
+                "Committing /etc/haproxy/svid.pem.\nSuccess!\n".into(),
+                ca_answer(&ca),
+            ],
+        );
+        let pushed = push(&socket, &target(&socket, None), &cert, &ca)
+            .await
+            .unwrap();
+        assert_eq!(pushed, Pushed::Cert);
+        let commands = server.await.unwrap();
+        assert!(commands[3].starts_with("show ssl ca-file"), "{commands:?}");
+    }
+
+    #[tokio::test]
+    async fn haproxy_2_6_gets_no_commit_of_a_nameless_svid_nor_of_a_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        let (_, cert) = spiffe_only();
+        let (other_ca, _) = spiffe_only();
+        let server = fake_haproxy(
+            &socket,
+            vec![
+                "Name: HAProxy\nVersion: 2.6.12-1+deb12u4\nPid: 42\n".into(),
+                "Filename: /etc/haproxy/svid.pem\nSerial: 01\n".into(),
+                ca_answer(&other_ca),
+            ],
+        );
+        let e = push(&socket, &target(&socket, None), &cert, &cert)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HaproxyError::CertNeedsReload { .. }), "{e}");
+        let commands = server.await.unwrap();
+        assert!(
+            commands
+                .iter()
+                .all(|c| !c.starts_with("set ") && !c.starts_with("commit ")),
+            "{commands:?}"
+        );
+    }
+}
