@@ -311,10 +311,8 @@ impl HaProxy {
             .unwrap_or_else(|| panic!("no Version in `show info`:\n{info}"))
     }
 
-    /// Whether this HAProxy has bug #3165 (a runtime CA commit breaks it;
-    /// fixed in 3.3.0): every release before 3.3, as `svid watch` judges
-    /// it, stated here on its own so the tests do not take the code's word.
-    pub fn has_ca_commit_bug(&self) -> bool {
+    /// HAProxy's major and minor release (`2.6.12-1+deb12u4` -> (2, 6)).
+    pub fn release(&self) -> (u32, u32) {
         let version = self.version();
         let mut parts = version.split(|c: char| !c.is_ascii_digit());
         let mut next = || -> u32 {
@@ -323,7 +321,14 @@ impl HaProxy {
                 .and_then(|p| p.parse().ok())
                 .unwrap_or_else(|| panic!("HAProxy version {version:?}"))
         };
-        (next(), next()) < (3, 3)
+        (next(), next())
+    }
+
+    /// Whether this HAProxy has bug #3165 (a runtime CA commit breaks it;
+    /// fixed in 3.3.0): every release before 3.3, as `svid watch` judges
+    /// it, stated here on its own so the tests do not take the code's word.
+    pub fn has_ca_commit_bug(&self) -> bool {
+        self.release() < (3, 3)
     }
 
     /// `set ssl <object> FILE` with `pem` as payload (empty lines, which
