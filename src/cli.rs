@@ -172,9 +172,10 @@ pub enum SvidCommand {
     /// Reconnects to the Workload API with backoff, like the tunnel; the
     /// files on disk stay as they are while it is unavailable.
     ///
-    /// Example (HAProxy without reloads):
+    /// Example (HAProxy, reloaded only where it must be):
     ///   spiffe-tunnel svid watch --write /etc/haproxy/svid \
     ///     --haproxy-socket /run/haproxy/admin.sock \
+    ///     --haproxy-master-socket /run/haproxy-master.sock \
     ///     --haproxy-cert /etc/haproxy/svid.pem --haproxy-ca-file /etc/haproxy/bundle.pem
     #[command(verbatim_doc_comment)]
     Watch(SvidWatchArgs),
@@ -228,11 +229,25 @@ pub struct SvidWatchArgs {
     pub pid_file: Option<PathBuf>,
 
     /// HAProxy's stats socket (`stats socket PATH level admin`): each new
-    /// SVID is pushed with `set ssl cert` / `commit ssl cert`, and each new
-    /// bundle with `set ssl ca-file` / `commit ssl ca-file`, so HAProxy
-    /// presents it without a reload.
+    /// SVID is pushed with `set ssl cert` / `commit ssl cert`, and each
+    /// bundle that differs from what HAProxy holds with `set ssl ca-file` /
+    /// `commit ssl ca-file`, so HAProxy presents it without a reload.
+    /// What HAProxy cannot take at runtime without breaking is refused
+    /// with an error saying to reload, unless --haproxy-master-socket is
+    /// given: a new CA file before 3.3 (bug #3165: it stops applying
+    /// certificates, then crashes), and before 3.0 an SVID with no DNS
+    /// name nor CN, as SPIRE issues them (the commit turns a bind line's
+    /// `verify required` off).
     #[arg(long, value_name = "PATH", requires = "haproxy_cert")]
     pub haproxy_socket: Option<PathBuf>,
+
+    /// HAProxy's master CLI (`haproxy -W -S PATH`; Debian's haproxy.service
+    /// has /run/haproxy-master.sock): what HAProxy cannot take at runtime
+    /// (see --haproxy-socket) goes in by a `reload` here, once the files
+    /// are written. The master keeps its pid; a new worker takes the
+    /// listeners over.
+    #[arg(long, value_name = "PATH", requires = "haproxy_socket")]
+    pub haproxy_master_socket: Option<PathBuf>,
 
     /// Stop after the first update, like `svid fetch`.
     #[arg(long)]

@@ -107,6 +107,7 @@ async fn svid(command: spiffe_tunnel::cli::SvidCommand) -> u8 {
     };
     let haproxy = fetch.haproxy_cert.clone().map(|cert| HaproxyTarget {
         socket: watch.as_ref().and_then(|w| w.haproxy_socket.clone()),
+        master_socket: watch.as_ref().and_then(|w| w.haproxy_master_socket.clone()),
         cert,
         ca_file: fetch.haproxy_ca_file.clone(),
     });

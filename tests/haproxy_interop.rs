@@ -110,7 +110,23 @@ impl Watch {
     /// Starts it and returns once `cert` and `ca_file` exist (so HAProxy
     /// can be started on them). Pushes into the HAProxy whose stats socket
     /// is `admin`, if given.
+    /// With `admin`, HAProxy's master CLI is taken to be [`master_of`]
+    /// it, as [`start_haproxy`] starts HAProxy.
     async fn start(dir: &Path, name: &str, agent: &Agent, id: &str, admin: Option<&Path>) -> Self {
+        let master = admin.map(master_of);
+        Self::start_with(dir, name, agent, id, admin, master.as_deref()).await
+    }
+
+    /// [`Watch::start`], also given HAProxy's master CLI
+    /// (`--haproxy-master-socket`).
+    async fn start_with(
+        dir: &Path,
+        name: &str,
+        agent: &Agent,
+        id: &str,
+        admin: Option<&Path>,
+        master: Option<&Path>,
+    ) -> Self {
         let out = dir.join(name);
         let cert = dir.join(format!("{name}.pem"));
         let ca_file = dir.join(format!("{name}-bundle.pem"));
@@ -131,6 +147,9 @@ impl Watch {
         ];
         if let Some(admin) = admin {
             args.extend(["--haproxy-socket", admin.to_str().unwrap()]);
+        }
+        if let Some(master) = master {
+            args.extend(["--haproxy-master-socket", master.to_str().unwrap()]);
         }
         let daemon = Daemon::spawn(&args, dir, &[]);
         let (c, a) = (cert.clone(), ca_file.clone());
@@ -219,6 +238,18 @@ impl HttpBackend {
     fn accepts(&self) -> usize {
         self.accepts.load(Ordering::SeqCst)
     }
+}
+
+/// The master CLI of the HAProxy whose stats socket is `admin`.
+fn master_of(admin: &Path) -> PathBuf {
+    admin.with_extension("master.sock")
+}
+
+/// HAProxy on `config`, master-worker as Debian runs it, its master CLI at
+/// [`master_of`] `admin`: HAProxy before 3.0 takes SVIDs without a DNS
+/// name only by a reload (see the README), which `svid watch` does there.
+fn start_haproxy(dir: &Path, name: &str, config: &str, admin: &Path) -> HaProxy {
+    HaProxy::start_master_worker_in(None, dir, name, config, admin, &master_of(admin))
 }
 
 // ------------------------------------------------------------ configs
@@ -357,7 +388,15 @@ async fn tls_get(
     chain_pem: &str,
     key_pem: &str,
 ) -> Result<Vec<CertificateDer<'static>>, String> {
-    let config = raw_client_config(Some((chain_pem, key_pem)));
+    tls_get_with(addr, raw_client_config(Some((chain_pem, key_pem)))).await
+}
+
+/// [`tls_get`] with a client config of the caller's (say, one that
+/// presents no certificate).
+async fn tls_get_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let exchange = async {
         let tcp = TcpStream::connect(addr).await?;
         let connector = tokio_rustls::TlsConnector::from(config);
@@ -500,13 +539,19 @@ fn provider() -> rustls::crypto::CryptoProvider {
 
 // ============================================================ the tests
 
-/// `svid watch` pushes every rotation into a running HAProxy: the serial
-/// HAProxy presents on its `bind ... ssl crt` line changes at least three
-/// times, a CA rotation included (the new CA reaches HAProxy's `ca-file`
-/// through `set ssl ca-file` before any client presents an SVID it
-/// signed), and HAProxy is the same process throughout.
+/// `svid watch` pushes every rotation into a running HAProxy, run
+/// master-worker as Debian's haproxy.service does: the serial HAProxy
+/// presents on its `bind ... ssl crt` line changes at least three times, a
+/// CA rotation included (the new CA reaches HAProxy's `ca-file` before any
+/// client presents an SVID it signed), no connection fails, and the
+/// master is the same process throughout. On HAProxy 3.3 and later
+/// everything goes in through the runtime API. Before, what a runtime
+/// commit would break (a new CA before 3.3, bug #3165; before 3.0 also an
+/// SVID without a DNS name, which would turn `verify required` off: see
+/// the tests above) goes in by a `reload` on the master CLI, and nothing
+/// else does: each new worker is counted against the reloads logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn haproxy_presents_each_new_svid_without_a_reload() {
+async fn haproxy_presents_each_new_svid_and_takes_each_new_ca_keeping_its_pid() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // SVIDs live 3 s (renewed every 1.5-2 s); the CA lives 8 s: the next CA
@@ -520,19 +565,33 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
     )
     .await;
     let admin = d.join("admin.sock");
-    let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
+    let master = d.join("master.sock");
+    let watch = Watch::start_with(
+        d,
+        "haproxy",
+        &agent,
+        HAPROXY_ID,
+        Some(&admin),
+        Some(&master),
+    )
+    .await;
     // The test client's SVID, kept current by a second watch.
     let client = Watch::start(d, "client", &agent, CLIENT, None).await;
     let backend = HttpBackend::start().await;
     let listen = free_addr();
-    let mut haproxy = HaProxy::start(
+    let mut haproxy = HaProxy::start_master_worker_in(
+        None,
         d,
         "haproxy",
         &server_side_config(&admin, &watch, listen, backend.addr),
         &admin,
+        &master,
     );
     let pid = haproxy.pid();
-    assert_eq!(haproxy.reported_pid(), pid);
+    assert_eq!(haproxy.master_pid(), pid);
+    let version = haproxy.version();
+    let affected = haproxy.has_ca_commit_bug();
+    let workers = Mutex::new(vec![haproxy.reported_pid()]);
     let first_cas = pem_serials(&watch.ca_file);
     assert_eq!(
         haproxy.ca_file_serials(&watch.ca_file),
@@ -558,6 +617,12 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
                 return Err(format!("HAProxy presented {uris:?}"));
             }
             client_issuers.lock().unwrap().insert(cert_facts(&ours).1);
+            if let Some(worker) = haproxy.try_reported_pid() {
+                let mut workers = workers.lock().unwrap();
+                if workers.last() != Some(&worker) {
+                    workers.push(worker);
+                }
+            }
             let mut presented = presented.lock().unwrap();
             if presented.last().map(|p| &p.0) != Some(&serial) {
                 presented.push((serial, issuer));
@@ -578,9 +643,35 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
     );
     let presented = presented.into_inner().unwrap();
 
-    // The same HAProxy process all along: no reload, no restart.
+    // The same HAProxy master all along; a new worker only where HAProxy
+    // cannot take the update at runtime: a new CA before 3.3, and before
+    // 3.0 also an SVID without a DNS name (the dev agent's have none).
     assert!(haproxy.is_running(), "HAProxy exited:\n{}", haproxy.log());
-    assert_eq!(haproxy.reported_pid(), pid);
+    assert_eq!(haproxy.master_pid(), pid);
+    let mut workers = workers.into_inner().unwrap();
+    let worker = haproxy.reported_pid();
+    if workers.last() != Some(&worker) {
+        workers.push(worker);
+    }
+    let log = watch.daemon.log();
+    let reloads = log
+        .matches("HAProxy reloaded through its master CLI")
+        .count();
+    assert_eq!(workers.len() - 1, reloads, "workers {workers:?}; {log}");
+    if affected {
+        assert!(
+            reloads >= 1,
+            "HAProxy {version} took a new CA without a reload: {log}"
+        );
+    } else {
+        assert_eq!(reloads, 0, "HAProxy {version} was reloaded: {log}");
+    }
+    // Never a CA commit where it breaks HAProxy.
+    assert_eq!(
+        log.contains("ca_file_committed=true"),
+        !affected,
+        "HAProxy {version}: {log}"
+    );
     // Everything it presented came from svid watch, and watch says so.
     let written = watch.written_serials();
     for (serial, _) in &presented {
@@ -618,12 +709,303 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
     assert!(watch.pushes() >= 3, "{}", watch.daemon.log());
     let log = watch.daemon.log();
     assert!(!log.contains("HAProxy update failed"), "{log}");
+    assert!(!log.contains("HAProxy update incomplete"), "{log}");
     eprintln!(
-        "HAProxy (pid {pid}) presented {} serials from {} CAs over {count} connections, none failed; {} pushes",
+        "HAProxy {version} (master pid {pid}) presented {} serials from {} CAs over {count} \
+         connections, none failed; {} pushes, {reloads} reloads (workers {workers:?})",
         presented.len(),
-        presented.iter().map(|p| &p.1).collect::<BTreeSet<_>>().len(),
+        presented
+            .iter()
+            .map(|p| &p.1)
+            .collect::<BTreeSet<_>>()
+            .len(),
         watch.pushes()
     );
+}
+
+/// HAProxy bug #3165 (fixed in 3.3.0) on the HAProxy installed here, step
+/// by step through its runtime API, as `svid watch` used to drive it: a
+/// `commit ssl ca-file` (even of the CAs HAProxy already has) rebuilds the
+/// frontend's TLS context but leaves the new context out of the
+/// certificate's list; a `commit ssl cert` then answers "Success!" and
+/// `show ssl cert` shows the new certificate, yet HAProxy keeps presenting
+/// the old one, and the certificate the context points to is freed; the
+/// next `commit ssl ca-file` walks into it and HAProxy dies of SIGSEGV.
+/// On a release with the fix the same steps present the new certificate
+/// and HAProxy lives. This is why `svid watch` never commits a CA file at
+/// runtime on HAProxy before 3.3 (the tests below show what it does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_before_3_3_breaks_at_a_runtime_ca_commit_then_crashes_at_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, next_ca) = (Ca::new(TD), Ca::new(TD));
+    // With a DNS name, unlike SPIRE's SVIDs by default: HAProxy 2.6 sets a
+    // `bind` line's verification up again on a rebuild only for a
+    // certificate that has a name (or a crt-list SNI filter), and only
+    // such a context is linked to the CA file (see the README).
+    let named = || {
+        ca.leaf_builder(HAPROXY_ID)
+            .sans(vec![uri_san(HAPROXY_ID), dns_san("haproxy.test")])
+            .build()
+    };
+    let (first, second) = (named(), named());
+    let client = ca.leaf(CLIENT);
+    let (cert, ca_file, admin) = (
+        d.join("svid.pem"),
+        d.join("bundle.pem"),
+        d.join("admin.sock"),
+    );
+    let pem_of = |leaf: &Leaf| format!("{}{}", leaf.chain_pem, leaf.key_pem);
+    std::fs::write(&cert, pem_of(&first)).unwrap();
+    std::fs::write(&ca_file, ca.bundle_pem()).unwrap();
+    let backend = HttpBackend::start().await;
+    let listen = free_addr();
+    let config = example_config(
+        "server-side.cfg",
+        &[
+            ("/run/haproxy/admin.sock", admin.to_str().unwrap()),
+            ("/etc/haproxy/svid.pem", cert.to_str().unwrap()),
+            ("/etc/haproxy/bundle.pem", ca_file.to_str().unwrap()),
+            ("0.0.0.0:8443", &listen.to_string()),
+            ("127.0.0.1:3000", &backend.addr.to_string()),
+        ],
+    );
+    let mut haproxy = HaProxy::start(d, "haproxy", &config, &admin);
+    let version = haproxy.version();
+    let affected = haproxy.has_ca_commit_bug();
+    let serial = |leaf: &Leaf| cert_facts(&leaf.chain_der[0]).0;
+    let presented = || async {
+        let chain = tls_get(listen, &client.chain_pem, &client.key_pem).await?;
+        Ok::<_, String>(cert_facts(chain.first().ok_or("no certificate")?).0)
+    };
+    assert_eq!(presented().await, Ok(serial(&first)));
+
+    // 1. A CA commit of the very CAs HAProxy read at start.
+    let answer = haproxy.set_and_commit("ca-file", &ca_file, ca.bundle_pem());
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.contains("Success")),
+        "{answer:?}"
+    );
+    // 2. A certificate commit: accepted, and HAProxy's store has it...
+    let answer = haproxy.set_and_commit("cert", &cert, &pem_of(&second));
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.contains("Success")),
+        "{answer:?}"
+    );
+    assert_eq!(haproxy.cert_serial(&cert), Some(serial(&second)));
+    // ...but with the bug no TLS context was rebuilt (no dot after
+    // "Committing FILE": one per context) and the old one is presented.
+    let answer = answer.unwrap();
+    let rebuilt = answer
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix(&format!("Committing {}", cert.display())))
+        .map_or(0, |dots| dots.matches('.').count());
+    let now = presented().await;
+    if affected {
+        assert_eq!(rebuilt, 0, "HAProxy {version} rebuilt a context: {answer}");
+        assert_eq!(
+            now,
+            Ok(serial(&first)),
+            "HAProxy {version} presents the new certificate"
+        );
+    } else {
+        assert_eq!(now, Ok(serial(&second)), "HAProxy {version}");
+    }
+    // 3. The next CA commit, a CA rotation's.
+    let both = format!("{}{}", ca.bundle_pem(), next_ca.bundle_pem());
+    let answer = haproxy.set_and_commit("ca-file", &ca_file, &both);
+    if affected {
+        wait_until(
+            "HAProxy to die at the second CA commit",
+            Duration::from_secs(10),
+            || haproxy.exit_status().is_some(),
+        )
+        .await;
+        let status = haproxy.exit_status().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(11),
+            "HAProxy {version} ended {status} ({answer:?})"
+        );
+        eprintln!("HAProxy {version}: CA commit, certificate commit (\"Success!\", still presenting the old one), CA commit: {status}");
+    } else {
+        assert!(
+            answer.as_ref().is_ok_and(|a| a.contains("Success")),
+            "{answer:?}"
+        );
+        assert!(
+            haproxy.is_running(),
+            "HAProxy {version}:\n{}",
+            haproxy.log()
+        );
+    }
+}
+
+/// HAProxy before 3.0, `bind ... crt FILE ... verify required`, and a
+/// certificate with no DNS name nor CN (as SPIRE issues them by default):
+/// one runtime `commit ssl cert` and that line lets in a client without
+/// any certificate, and one whose certificate no CA in `ca-file` signed.
+/// This is why `svid watch` never commits such a certificate at runtime
+/// into HAProxy before 3.0 (the test after this one). With a DNS name the
+/// line keeps its settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_before_3_0_lets_anyone_in_after_a_runtime_commit_of_a_nameless_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new(TD);
+    let (first, second) = (ca.leaf(HAPROXY_ID), ca.leaf(HAPROXY_ID));
+    let client = ca.leaf(CLIENT);
+    let stranger = Ca::new(TD).leaf(INTRUDER);
+    let (cert, ca_file, admin) = (
+        d.join("svid.pem"),
+        d.join("bundle.pem"),
+        d.join("admin.sock"),
+    );
+    let pem_of = |leaf: &Leaf| format!("{}{}", leaf.chain_pem, leaf.key_pem);
+    std::fs::write(&cert, pem_of(&first)).unwrap();
+    std::fs::write(&ca_file, ca.bundle_pem()).unwrap();
+    let backend = HttpBackend::start().await;
+    let listen = free_addr();
+    let config = example_config(
+        "server-side.cfg",
+        &[
+            ("/run/haproxy/admin.sock", admin.to_str().unwrap()),
+            ("/etc/haproxy/svid.pem", cert.to_str().unwrap()),
+            ("/etc/haproxy/bundle.pem", ca_file.to_str().unwrap()),
+            ("0.0.0.0:8443", &listen.to_string()),
+            ("127.0.0.1:3000", &backend.addr.to_string()),
+        ],
+    );
+    let haproxy = HaProxy::start(d, "haproxy", &config, &admin);
+    let version = haproxy.version();
+    // Before 3.0 (the '*' SNI filter for default certificates, 0bf9d122a).
+    let old = haproxy.release() < (3, 0);
+    let lets_in = |leaf: Option<&Leaf>| {
+        let pair = leaf.map(|l| (l.chain_pem.clone(), l.key_pem.clone()));
+        async move {
+            let config = raw_client_config(pair.as_ref().map(|(c, k)| (c.as_str(), k.as_str())));
+            tls_get_with(listen, config).await.is_ok()
+        }
+    };
+    assert!(lets_in(Some(&client)).await);
+    assert!(
+        !lets_in(None).await,
+        "HAProxy {version} let in a client without a certificate"
+    );
+    assert!(!lets_in(Some(&stranger)).await);
+    let answer = haproxy.set_and_commit("cert", &cert, &pem_of(&second));
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.contains("Success")),
+        "{answer:?}"
+    );
+    assert!(lets_in(Some(&client)).await);
+    if old {
+        assert!(
+            lets_in(None).await,
+            "HAProxy {version} kept verify required"
+        );
+        assert!(
+            lets_in(Some(&stranger)).await,
+            "HAProxy {version} kept its ca-file"
+        );
+        eprintln!("HAProxy {version}: after one commit of a certificate without a DNS name, `verify required` is gone");
+    } else {
+        assert!(
+            !lets_in(None).await,
+            "HAProxy {version} let in a client without a certificate"
+        );
+        assert!(
+            !lets_in(Some(&stranger)).await,
+            "HAProxy {version} let in a stranger"
+        );
+    }
+}
+
+/// Without the master CLI, `svid watch` commits nothing into an HAProxy
+/// before 3.0 that could leave it open or broken: SVIDs without a DNS name
+/// are refused (an error says why and what to do), and so is a new CA;
+/// HAProxy keeps presenting the SVID it started with, keeps refusing a
+/// client without a certificate, and stays up. (On 3.0 to 3.2 the SVIDs go
+/// in at runtime and only the CA is refused; on 3.3 both go in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_master_cli_nothing_unsafe_is_committed_into_an_old_haproxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let agent = Agent::start(
+        d,
+        "agent",
+        &["--id", HAPROXY_ID, "--ttl", "3s", "--ca-ttl", "8s"],
+    )
+    .await;
+    let admin = d.join("admin.sock");
+    let watch = Watch::start_with(d, "haproxy", &agent, HAPROXY_ID, Some(&admin), None).await;
+    let backend = HttpBackend::start().await;
+    let listen = free_addr();
+    let mut haproxy = HaProxy::start(
+        d,
+        "haproxy",
+        &server_side_config(&admin, &watch, listen, backend.addr),
+        &admin,
+    );
+    let pid = haproxy.pid();
+    let version = haproxy.version();
+    let first_serial = presented_by(listen).await.map(|leaf| cert_facts(&leaf).0);
+    assert!(first_serial.is_some());
+    let first_cas = haproxy.ca_file_serials(&watch.ca_file).unwrap();
+    // Past a CA change (the agent adds the next CA 4 s in), with pushes
+    // (or refusals) after it.
+    wait_until(
+        "svid watch to handle a new CA",
+        Duration::from_secs(30),
+        || {
+            let prepared = agent.daemon.log().contains("prepared the next CA");
+            let log = watch.daemon.log();
+            let handled = log.matches("HAProxy update refused").count()
+                + log.matches("HAProxy update incomplete").count()
+                + log.matches("HAProxy now presents").count();
+            prepared && handled >= 6
+        },
+    )
+    .await;
+    let log = watch.daemon.log();
+    assert!(
+        haproxy.is_running(),
+        "HAProxy {version} died: {:?}",
+        haproxy.exit_status()
+    );
+    assert_eq!(haproxy.reported_pid(), pid);
+    if haproxy.has_ca_commit_bug() {
+        assert!(!log.contains("ca_file_committed=true"), "{log}");
+        assert_eq!(haproxy.ca_file_serials(&watch.ca_file), Some(first_cas));
+    }
+    if log.contains("new SVID not committed at runtime") {
+        assert!(log.contains("would let in any client"), "{log}");
+        assert_eq!(
+            presented_by(listen).await.map(|leaf| cert_facts(&leaf).0),
+            first_serial
+        );
+    }
+    // Whatever went in, HAProxy still wants a client certificate.
+    let config = raw_client_config(None);
+    assert!(
+        tls_get_with(listen, config).await.is_err(),
+        "HAProxy {version} let in a client without a certificate"
+    );
+    eprintln!("HAProxy {version}: nothing unsafe committed, pid {pid} unchanged, verify kept");
+}
+
+/// The leaf HAProxy's `bind` at `addr` presents, read with `openssl
+/// s_client` and no client certificate; `None` when it presents none.
+async fn presented_by(addr: SocketAddr) -> Option<CertificateDer<'static>> {
+    let openssl = which("openssl", "apt-get install openssl");
+    let mut command = tokio::process::Command::new(openssl);
+    command.args(["s_client", "-connect", &addr.to_string(), "-tls1_3"]);
+    let (_, out, _) = run(command, b"").await;
+    CertificateDer::pem_slice_iter(out.as_bytes())
+        .next()
+        .and_then(Result::ok)
 }
 
 /// Mixed sidecars, one way: app → spiffe-tunnel outbound (as `web`) →
@@ -645,7 +1027,7 @@ async fn spiffe_tunnel_outbound_into_haproxy_frontend_across_rotations() {
     let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
     let backend = HttpBackend::start().await;
     let haproxy_addr = free_addr();
-    let haproxy = HaProxy::start(
+    let haproxy = start_haproxy(
         d,
         "haproxy",
         &server_side_config(&admin, &watch, haproxy_addr, backend.addr),
@@ -726,7 +1108,7 @@ async fn haproxy_server_line_into_spiffe_tunnel_inbound_across_rotations() {
     let watch = Watch::start(d, "haproxy", &agent, HAPROXY_ID, Some(&admin)).await;
     let first_expiry = not_after(&watch.cert);
     let local = free_addr();
-    let haproxy = HaProxy::start(
+    let haproxy = start_haproxy(
         d,
         "haproxy",
         &client_side_config(&admin, &watch, local, inbound_addr),
@@ -778,7 +1160,7 @@ async fn two_haproxy_sidecars_fed_by_svid_watch() {
     let api_admin = d.join("api-admin.sock");
     let api_watch = Watch::start(d, "api", &agent, API, Some(&api_admin)).await;
     let mtls_addr = free_addr();
-    let api_haproxy = HaProxy::start(
+    let api_haproxy = start_haproxy(
         d,
         "haproxy-api",
         &server_side_config(&api_admin, &api_watch, mtls_addr, backend.addr),
@@ -787,7 +1169,7 @@ async fn two_haproxy_sidecars_fed_by_svid_watch() {
     let web_admin = d.join("web-admin.sock");
     let web_watch = Watch::start(d, "web", &agent, WEB, Some(&web_admin)).await;
     let local = free_addr();
-    let web_haproxy = HaProxy::start(
+    let web_haproxy = start_haproxy(
         d,
         "haproxy-web",
         &client_side_config(&web_admin, &web_watch, local, mtls_addr),

@@ -528,12 +528,15 @@ fn serials_in_use(log: &str, id: &str) -> usize {
 /// `socket`: the SVID folder `<node>-svid`, HAProxy's `crt` file
 /// `<node>-svid.pem` and `ca-file` `<node>-bundle.pem`, each rotation
 /// pushed through the stats socket `<node>-admin.sock`. Returns once both
-/// files exist, so HAProxy can start on them.
+/// files exist, so HAProxy can start on them. HAProxy's master CLI
+/// `<node>-master.sock` is given too, for a new CA on an HAProxy that
+/// cannot take one at runtime.
 fn svid_watch(node: &Node, socket: &str, id: &str) -> (NodeProc, HaproxyFiles) {
     let files = HaproxyFiles {
         cert: node.path("svid.pem"),
         ca_file: node.path("bundle.pem"),
         admin: node.path("admin.sock"),
+        master: node.path("master.sock"),
     };
     let dir = node.path("svid");
     let proc = node.spiffe_tunnel(
@@ -553,6 +556,8 @@ fn svid_watch(node: &Node, socket: &str, id: &str) -> (NodeProc, HaproxyFiles) {
             files.ca_file.to_str().unwrap(),
             "--haproxy-socket",
             files.admin.to_str().unwrap(),
+            "--haproxy-master-socket",
+            files.master.to_str().unwrap(),
         ],
     );
     common::netns::wait_for(
@@ -568,6 +573,7 @@ struct HaproxyFiles {
     cert: std::path::PathBuf,
     ca_file: std::path::PathBuf,
     admin: std::path::PathBuf,
+    master: std::path::PathBuf,
 }
 
 impl HaproxyFiles {
@@ -645,25 +651,23 @@ impl<'a> Presented<'a> {
 }
 
 /// The cron job replaced: HAProxy on two nodes (`examples/haproxy/`'s
-/// client-side config on node 1, server-side on node 2), each fed by `svid
+/// client-side config on node 1, server-side on node 2), each run
+/// master-worker as Debian's haproxy.service runs it and fed by `svid
 /// watch` from its own node's SPIRE agent, carries mTLS traffic from node
 /// 1's app to node 2's app across at least 3 SVID rotations of each and a
 /// CA rotation (`localauthority x509 prepare`: the new CA reaches both
 /// HAProxies' `ca-file`; then `activate`: both present SVIDs the new CA
 /// signed), with 0 failed requests and both HAProxies the same processes
-/// throughout.
+/// (masters) throughout.
 ///
-/// Ignored: Debian 12's HAProxy 2.6.12 (what scripts/test installs)
-/// crashes (SIGSEGV) here, at the `commit ssl ca-file` of the new CA. That
-/// is HAProxy bug #3165 (fixed upstream by commit 7482b6ebf, "Crash because
-/// of dangling ckch_store reference in a ckch instance", in 3.3.0): a CA
-/// commit, then a certificate commit, then another CA commit leaves an
-/// instance pointing at a freed certificate store. `svid watch` commits the
-/// CA on its first push and a certificate on every rotation, so the first
-/// CA rotation after one SVID rotation hits it. Run with `--ignored` on an
-/// HAProxy that has the fix.
+/// On HAProxy 3.3 and later everything goes in through the runtime API
+/// and the worker never changes. Before 3.3 a runtime CA commit breaks
+/// HAProxy (bug #3165), and before 3.0 (Debian 12 has 2.6.12) so does a
+/// runtime commit of an SVID without a DNS name, as SPIRE issues them: it
+/// turns the `bind` line's `verify required` off (`tests/haproxy_interop.rs`
+/// shows both). There those go in by a master CLI `reload`, which the
+/// traffic rides through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "HAProxy 2.6.12 (Debian 12) segfaults on a CA commit after a certificate commit: upstream bug #3165"]
 async fn haproxy_sidecars_fed_by_svid_watch_from_their_agents() {
     if !common::netns::available() {
         return;
@@ -690,26 +694,31 @@ async fn haproxy_sidecars_fed_by_svid_watch_from_their_agents() {
 
     let app = node2.echo_app("app", APP_PORT);
     let (watch2, files2) = svid_watch(node2, &cluster.socket(1), API);
-    let haproxy2 = HaProxy::start_in(
+    let haproxy2 = HaProxy::start_master_worker_in(
         Some(&node2.ns),
         cluster.lan.dir(),
         "node2-haproxy",
         &example_config("server-side.cfg", &files2.replacements()),
         &files2.admin,
+        &files2.master,
     );
     let (watch1, files1) = svid_watch(node1, &cluster.socket(0), WEB);
     let upstream = node2.addr(INBOUND_PORT).to_string();
     let mut replacements = files1.replacements().to_vec();
     replacements.push(("10.0.0.2:8443", &upstream));
-    let haproxy1 = HaProxy::start_in(
+    let haproxy1 = HaProxy::start_master_worker_in(
         Some(&node1.ns),
         cluster.lan.dir(),
         "node1-haproxy",
         &example_config("client-side.cfg", &replacements),
         &files1.admin,
+        &files1.master,
     );
     let pids = [haproxy1.pid(), haproxy2.pid()];
-    assert_eq!(pids, [haproxy1.reported_pid(), haproxy2.reported_pid()]);
+    assert_eq!(pids, [haproxy1.master_pid(), haproxy2.master_pid()]);
+    let version = haproxy1.version();
+    let affected = haproxy1.has_ca_commit_bug();
+    let first_workers = [haproxy1.reported_pid(), haproxy2.reported_pid()];
     let sides = [(&haproxy1, &files1), (&haproxy2, &files2)];
 
     let mut client = node1.client();
@@ -755,12 +764,35 @@ async fn haproxy_sidecars_fed_by_svid_watch_from_their_agents() {
     let mut haproxies = [haproxy1, haproxy2];
     for (i, haproxy) in haproxies.iter_mut().enumerate() {
         assert!(haproxy.is_running(), "HAProxy {} exited", i + 1);
+        assert_eq!(haproxy.master_pid(), pids[i], "HAProxy {} restarted", i + 1);
+    }
+    let log1 = watch1.log();
+    let log2 = watch2.log();
+    let reloads = |log: &str| {
+        log.matches("HAProxy reloaded through its master CLI")
+            .count()
+    };
+    let workers = [haproxies[0].reported_pid(), haproxies[1].reported_pid()];
+    for (i, log) in [&log1, &log2].into_iter().enumerate() {
+        assert!(!log.contains("HAProxy update failed"), "{log}");
+        assert!(!log.contains("HAProxy update incomplete"), "{log}");
+        // Before 3.3 at least the bundle change (prepare) takes a reload
+        // (before 3.0 so does every SVID: SPIRE's have no DNS name); on
+        // 3.3 and later none does.
+        if affected {
+            assert!(reloads(log) >= 1, "HAProxy {version}: {log}");
+        } else {
+            assert_eq!(reloads(log), 0, "HAProxy {version}: {log}");
+        }
         assert_eq!(
-            haproxy.reported_pid(),
-            pids[i],
-            "HAProxy {} restarted",
-            i + 1
+            workers[i] != first_workers[i],
+            affected,
+            "HAProxy {version} {}: workers {} then {}",
+            i + 1,
+            first_workers[i],
+            workers[i]
         );
+        assert_eq!(log.contains("ca_file_committed=true"), !affected, "{log}");
     }
     let pushes = |watch: &NodeProc| {
         watch
@@ -772,11 +804,14 @@ async fn haproxy_sidecars_fed_by_svid_watch_from_their_agents() {
         "haproxy: {count} requests through two HAProxy sidecars fed by svid watch from their \
          agents, none failed; HAProxy 1 presented {} SVIDs ({} pushes), HAProxy 2 {} ({}); \
          the new CA was in both ca-files {in_ca_files:?} after prepare and presented by both \
-         {new_ca_presented:?} after activate; pids unchanged; whole test {:?}",
+         {new_ca_presented:?} after activate; HAProxy {version}: master pids unchanged, \
+         {} and {} reloads; whole test {:?}",
         presented[0],
         pushes(&watch1),
         presented[1],
         pushes(&watch2),
+        reloads(&log1),
+        reloads(&log2),
         started.elapsed()
     );
 }

@@ -6,10 +6,12 @@
 //! response as a whole (the same checks as the tunnel's own identity), and
 //! write it with SPIRE's file names through [`files`], atomically. `watch`
 //! then runs the configured follow-ups: a command, a signal to a process,
-//! and a push into a running HAProxy through [`haproxy`].
+//! and a push into a running HAProxy ([`pusher`] decides what to send,
+//! [`haproxy`] speaks its runtime API).
 
 pub mod files;
 pub mod haproxy;
+mod pusher;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -174,10 +176,14 @@ pub async fn fetch(options: HelperOptions) -> Result<(), HelperError> {
 pub async fn run(options: HelperOptions) -> Result<(), HelperError> {
     let address = ApiAddress::choose(options.socket.as_deref(), None)?;
     let provider = crate::tls::config::provider();
-    let (pusher, pushes) = watch::channel::<Option<(String, String)>>(None);
+    let (pusher, pushes) = watch::channel::<Option<pusher::Update>>(None);
     if let Some(target) = options.haproxy.as_ref().filter(|_| !options.once) {
         if let Some(socket) = &target.socket {
-            tokio::spawn(push_to_haproxy(socket.clone(), target.clone(), pushes));
+            tokio::spawn(pusher::push_to_haproxy(
+                socket.clone(),
+                target.clone(),
+                pushes,
+            ));
         }
     }
     let started = tokio::time::Instant::now();
@@ -227,7 +233,7 @@ async fn stream_once(
     address: &ApiAddress,
     options: &HelperOptions,
     provider: &rustls::crypto::CryptoProvider,
-    pusher: &watch::Sender<Option<(String, String)>>,
+    pusher: &watch::Sender<Option<pusher::Update>>,
 ) -> Result<(), StreamError> {
     let mut client = address
         .connect()
@@ -324,58 +330,6 @@ async fn signal_pid_file(signal: &str, pid_file: &Path) -> Result<u32, String> {
         Ok(pid)
     } else {
         Err(format!("kill exited with {status}"))
-    }
-}
-
-/// Pushes each new certificate (and CA file) into HAProxy, retrying with
-/// backoff while HAProxy is unreachable; a newer update replaces a pending
-/// one.
-async fn push_to_haproxy(
-    socket: PathBuf,
-    target: HaproxyTarget,
-    mut updates: watch::Receiver<Option<(String, String)>>,
-) {
-    let mut pushed_ca: Option<String> = None;
-    while updates.changed().await.is_ok() {
-        let Some((cert, ca)) = updates.borrow_and_update().clone() else {
-            continue;
-        };
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let mut result = haproxy::update_cert(&socket, &target.cert, &cert).await;
-            if result.is_ok() {
-                if let Some(ca_file) = &target.ca_file {
-                    if pushed_ca.as_deref() != Some(ca.as_str()) {
-                        result = haproxy::update_ca_file(&socket, ca_file, &ca).await;
-                        if result.is_ok() {
-                            pushed_ca = Some(ca.clone());
-                        }
-                    }
-                }
-            }
-            match result {
-                Ok(()) => {
-                    info!(socket = %socket.display(), cert = %target.cert.display(), "HAProxy now presents the new SVID");
-                    break;
-                }
-                Err(e) if e.is_transient() => {
-                    warn!(error = %e, retry_in = ?backoff, "HAProxy update postponed");
-                }
-                Err(e) => {
-                    error!(error = %e, "HAProxy update failed");
-                }
-            }
-            // Retry later, unless a newer update arrives first.
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                changed = updates.changed() => {
-                    if changed.is_err() { return; }
-                    updates.mark_changed();
-                    break;
-                }
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
     }
 }
 

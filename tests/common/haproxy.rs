@@ -65,6 +65,8 @@ pub struct HaProxy {
     child: Child,
     /// The stats socket (`stats socket ... level admin`).
     pub admin: PathBuf,
+    /// The master CLI, when HAProxy runs master-worker (`-W -S`).
+    pub master: Option<PathBuf>,
     log: PathBuf,
 }
 
@@ -87,6 +89,32 @@ impl HaProxy {
         config: &str,
         admin: &Path,
     ) -> Self {
+        Self::launch(netns, dir, name, config, admin, None)
+    }
+
+    /// [`HaProxy::start_in`] in master-worker mode (`-W`, as Debian's
+    /// haproxy.service runs it) with its master CLI at `master` (`-S`):
+    /// [`HaProxy::pid`] is the master's, which a `reload` keeps, and
+    /// [`HaProxy::reported_pid`] the worker's, which a reload replaces.
+    pub fn start_master_worker_in(
+        netns: Option<&str>,
+        dir: &Path,
+        name: &str,
+        config: &str,
+        admin: &Path,
+        master: &Path,
+    ) -> Self {
+        Self::launch(netns, dir, name, config, admin, Some(master))
+    }
+
+    fn launch(
+        netns: Option<&str>,
+        dir: &Path,
+        name: &str,
+        config: &str,
+        admin: &Path,
+        master: Option<&Path>,
+    ) -> Self {
         let cfg = dir.join(format!("{name}.cfg"));
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join(format!("{name}.log"));
@@ -100,6 +128,9 @@ impl HaProxy {
             }
             None => Command::new(&bin),
         };
+        if let Some(master) = master {
+            command.arg("-W").arg("-S").arg(master);
+        }
         let child = command
             .arg("-db")
             .arg("-f")
@@ -112,6 +143,7 @@ impl HaProxy {
         let mut haproxy = HaProxy {
             child,
             admin: admin.to_path_buf(),
+            master: master.map(Path::to_path_buf),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -138,7 +170,9 @@ impl HaProxy {
         }
     }
 
-    fn try_cli(&self, command: &str) -> std::io::Result<String> {
+    /// One runtime API command and its whole answer, or why there is none
+    /// (HAProxy gone, for one).
+    pub fn try_cli(&self, command: &str) -> std::io::Result<String> {
         let mut stream = UnixStream::connect(&self.admin)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.write_all(command.as_bytes())?;
@@ -162,6 +196,15 @@ impl HaProxy {
             .find_map(|l| l.strip_prefix("Pid: "))
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("no Pid in `show info`:\n{info}"))
+    }
+
+    /// [`HaProxy::reported_pid`], or `None` when the stats socket does not
+    /// answer (as for a moment while a reload hands it over).
+    pub fn try_reported_pid(&self) -> Option<u32> {
+        let info = self.try_cli("show info").ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid: "))
+            .and_then(|p| p.trim().parse().ok())
     }
 
     /// The serial of the certificate HAProxy holds for `file` (`show ssl
@@ -209,6 +252,42 @@ impl HaProxy {
         Some(serials)
     }
 
+    /// The master's pid, as its master CLI gives it (`show proc`). A
+    /// reload re-executes the master, which then binds its CLI anew:
+    /// refusals meanwhile are waited out, for up to 10 s.
+    pub fn master_pid(&self) -> u32 {
+        let master = self.master.as_ref().expect("not started master-worker");
+        let ask = || -> std::io::Result<String> {
+            let mut stream = UnixStream::connect(master)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"show proc\n")?;
+            stream.shutdown(std::net::Shutdown::Write)?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = ask();
+            let pid = answer.as_ref().ok().and_then(|answer| {
+                answer
+                    .lines()
+                    .find(|l| l.split_whitespace().nth(1) == Some("master"))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|p| p.parse().ok())
+            });
+            if let Some(pid) = pid {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no master in `show proc` on {}: {answer:?}",
+                master.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -216,6 +295,62 @@ impl HaProxy {
     /// Whether the process still runs (it was neither restarted nor died).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The release HAProxy reports (`show info`: `Version: 2.6.12-1+deb12u4`).
+    pub fn version(&self) -> String {
+        let info = self.cli("show info");
+        info.lines()
+            .find_map(|l| l.strip_prefix("Version: "))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no Version in `show info`:\n{info}"))
+    }
+
+    /// HAProxy's major and minor release (`2.6.12-1+deb12u4` -> (2, 6)).
+    pub fn release(&self) -> (u32, u32) {
+        let version = self.version();
+        let mut parts = version.split(|c: char| !c.is_ascii_digit());
+        let mut next = || -> u32 {
+            parts
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("HAProxy version {version:?}"))
+        };
+        (next(), next())
+    }
+
+    /// Whether this HAProxy has bug #3165 (a runtime CA commit breaks it;
+    /// fixed in 3.3.0): every release before 3.3, as `svid watch` judges
+    /// it, stated here on its own so the tests do not take the code's word.
+    pub fn has_ca_commit_bug(&self) -> bool {
+        self.release() < (3, 3)
+    }
+
+    /// `set ssl <object> FILE` with `pem` as payload (empty lines, which
+    /// would end it, dropped), then `commit ssl <object> FILE`; the
+    /// commit's answer, or the error of a connection HAProxy dropped.
+    pub fn set_and_commit(&self, object: &str, file: &Path, pem: &str) -> Result<String, String> {
+        let payload: String = pem
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| !l.is_empty())
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        let name = file.display();
+        let set = self
+            .try_cli(&format!("set ssl {object} {name} <<\n{payload}"))
+            .map_err(|e| e.to_string())?;
+        assert!(
+            set.to_lowercase().contains("transaction created"),
+            "set ssl {object}: {set}"
+        );
+        self.try_cli(&format!("commit ssl {object} {name}"))
+            .map_err(|e| e.to_string())
     }
 
     pub fn log(&self) -> String {
