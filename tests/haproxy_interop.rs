@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::agent::DevAgent;
 use common::certs::{dns_san, uri_san, Ca, DnType, Leaf};
 use common::haproxy::{example_config, HaProxy};
 use common::harness::*;
@@ -55,45 +56,9 @@ const REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: backend\r\n\r\n";
 
 // ------------------------------------------------------------ processes
 
-/// The dev agent as a process.
-struct Agent {
-    daemon: Daemon,
-    socket: PathBuf,
-}
-
-impl Agent {
-    async fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
-        let socket = dir.join(format!("{name}.sock"));
-        let mut all = vec![
-            "dev-agent",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--trust-domain",
-            TD,
-        ];
-        all.extend_from_slice(args);
-        let daemon = Daemon::spawn(&all, dir, &[]);
-        let probe = socket.clone();
-        wait_until(
-            "the dev agent's socket",
-            Duration::from_secs(20),
-            move || probe.exists(),
-        )
-        .await;
-        Self { daemon, socket }
-    }
-
-    fn address(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-
-    /// An `[identity]` table taking SVIDs from this agent.
-    fn identity_toml(&self) -> String {
-        format!(
-            "[identity]\nsource = \"workload_api\"\nsocket = \"{}\"\nstartup_timeout = \"20s\"\n",
-            self.address()
-        )
-    }
+/// The dev agent of trust domain [`TD`] on `dir/<name>.sock`.
+async fn dev_agent(dir: &Path, name: &str, args: &[&str]) -> DevAgent {
+    DevAgent::start(dir, &dir.join(format!("{name}.sock")), TD, args).await
 }
 
 /// `spiffe-tunnel svid watch` for one SPIFFE ID: the SPIRE-named files in
@@ -110,7 +75,13 @@ impl Watch {
     /// Starts it and returns once `cert` and `ca_file` exist (so HAProxy
     /// can be started on them). Pushes into the HAProxy whose stats socket
     /// is `admin`, if given.
-    async fn start(dir: &Path, name: &str, agent: &Agent, id: &str, admin: Option<&Path>) -> Self {
+    async fn start(
+        dir: &Path,
+        name: &str,
+        agent: &DevAgent,
+        id: &str,
+        admin: Option<&Path>,
+    ) -> Self {
         let out = dir.join(name);
         let cert = dir.join(format!("{name}.pem"));
         let ca_file = dir.join(format!("{name}-bundle.pem"));
@@ -511,7 +482,7 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
     let d = dir.path();
     // SVIDs live 3 s (renewed every 1.5-2 s); the CA lives 8 s: the next CA
     // joins the bundle at 4 s and signs from 6 s.
-    let agent = Agent::start(
+    let agent = dev_agent(
         d,
         "agent",
         &[
@@ -635,7 +606,7 @@ async fn haproxy_presents_each_new_svid_without_a_reload() {
 async fn spiffe_tunnel_outbound_into_haproxy_frontend_across_rotations() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = Agent::start(
+    let agent = dev_agent(
         d,
         "agent",
         &["--id", HAPROXY_ID, "--id", WEB, "--ttl", "3s"],
@@ -702,7 +673,7 @@ async fn spiffe_tunnel_outbound_into_haproxy_frontend_across_rotations() {
 async fn haproxy_server_line_into_spiffe_tunnel_inbound_across_rotations() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = Agent::start(
+    let agent = dev_agent(
         d,
         "agent",
         &["--id", HAPROXY_ID, "--id", API, "--ttl", "3s"],
@@ -772,7 +743,7 @@ async fn haproxy_server_line_into_spiffe_tunnel_inbound_across_rotations() {
 async fn two_haproxy_sidecars_fed_by_svid_watch() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = Agent::start(d, "agent", &["--id", WEB, "--id", API, "--ttl", "3s"]).await;
+    let agent = dev_agent(d, "agent", &["--id", WEB, "--id", API, "--ttl", "3s"]).await;
     let backend = HttpBackend::start().await;
 
     let api_admin = d.join("api-admin.sock");
@@ -1250,7 +1221,7 @@ async fn svid_watch_writes_are_atomic_across_50_rotations() {
     let mut watches = Vec::new();
     for k in 0..AGENTS {
         let id = format!("spiffe://{TD}/w{k}");
-        let agent = Agent::start(d, &format!("agent{k}"), &["--id", &id, "--ttl", "1s"]).await;
+        let agent = dev_agent(d, &format!("agent{k}"), &["--id", &id, "--ttl", "1s"]).await;
         watches.push(Watch::start(d, &format!("w{k}"), &agent, &id, None).await);
         agents.push(agent);
     }
