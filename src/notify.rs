@@ -13,14 +13,22 @@
 //! so it needs neither libsystemd nor `unsafe` code; `vsock:` addresses
 //! (systemd 254+, for VMs) are not supported and are reported once.
 //!
-//! Why no `MONOTONIC_USEC=`: `Type=notify-reload` (systemd 253+) only accepts
-//! a `RELOADING=1` that carries the sender's `CLOCK_MONOTONIC` time, and the
-//! standard library exposes no reading of that clock (an `Instant` is opaque)
-//! while this crate forbids `unsafe` and has no `libc`/`rustix` dependency. So
-//! the unit in `deploy/systemd/` uses `Type=notify` with
-//! `ExecReload=/bin/kill -HUP $MAINPID`: there systemd accepts a plain
-//! `RELOADING=1`, puts the unit in "reloading" until the next `READY=1`, and
-//! never needs the timestamp.
+//! `RELOADING=1` carries `MONOTONIC_USEC=` (the sender's `CLOCK_MONOTONIC`
+//! time, read through `nix`'s safe `clock_gettime`). `Type=notify-reload`
+//! (systemd 253+) needs it to tell the reload it asked for from an older
+//! one; older systemd and `Type=notify` ignore it. The unit in
+//! `deploy/systemd/` stays `Type=notify` (see its comments and
+//! docs/operations.md for why and for the `notify-reload` drop-in).
+//!
+//! Why ours and not the `sd-notify` crate (0.5): that crate `connect()`s to
+//! `NOTIFY_SOCKET` as a filesystem path, so an `@abstract` address (which
+//! systemd and container managers hand out) is taken as a file called `@...`
+//! and never reached; it reads the environment and opens a new socket on
+//! every call, has no send timeout, and passes a `STATUS=` with a newline
+//! through, which would smuggle another assignment. Its `MONOTONIC_USEC`
+//! helper is one `clock_gettime` call that `nix` (already a dependency) gives
+//! us without `unsafe`. What is left here is ~100 lines of a protocol
+//! systemd documents as stable.
 //!
 //! Notifications are best effort: a daemon that cannot reach systemd keeps
 //! serving. The first failed send is logged at warn, later ones at debug, so
@@ -192,10 +200,14 @@ impl Notifier {
     }
 
     /// A reload (SIGHUP) has started; [`Notifier::reloaded`] must follow.
-    /// Carries no `MONOTONIC_USEC=` (see the module docs), which is right
-    /// for `Type=notify` and not enough for `Type=notify-reload`.
+    /// `MONOTONIC_USEC=` lets `Type=notify-reload` match this to the signal
+    /// it sent; if the clock cannot be read (it always can on Linux) the
+    /// plain `RELOADING=1` still serves `Type=notify`.
     pub fn reloading(&self) {
-        self.send("RELOADING=1");
+        match monotonic_usec() {
+            Some(usec) => self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}")),
+            None => self.send("RELOADING=1"),
+        };
     }
 
     /// The reload finished, whether the new config was taken or refused
@@ -245,6 +257,14 @@ fn from_env_value(value: Option<OsString>) -> Option<Notifier> {
             None
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd compares
+/// `MONOTONIC_USEC=` against.
+fn monotonic_usec() -> Option<u128> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .ok()
+        .map(|t| Duration::from(t).as_micros())
 }
 
 /// A status must stay on one line: a newline would start another
@@ -300,8 +320,19 @@ mod tests {
                 std::process::id()
             )
         );
+        let before = monotonic_usec().unwrap();
         notifier.reloading();
-        assert_eq!(systemd.recv(), "RELOADING=1");
+        let reloading = systemd.recv();
+        let after = monotonic_usec().unwrap();
+        let usec: u128 = reloading
+            .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+            .unwrap_or_else(|| panic!("unexpected reloading datagram {reloading:?}"))
+            .parse()
+            .unwrap();
+        assert!(
+            (before..=after).contains(&usec),
+            "MONOTONIC_USEC={usec} is not CLOCK_MONOTONIC (between {before} and {after})"
+        );
         notifier.reloaded("reloaded: 3 tunnels");
         assert_eq!(systemd.recv(), "READY=1\nSTATUS=reloaded: 3 tunnels");
         notifier.status("waiting for an SVID");

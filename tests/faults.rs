@@ -20,91 +20,24 @@ mod common;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::certs::{Ca, Leaf};
+use common::agent::DevAgent;
+use common::certs::Ca;
 use common::harness::*;
+use common::node::{inbound, only, Node};
+use common::pair::{Pair, API, WEB};
 use common::probe::*;
 use common::targets::{FlappingTarget, ResetTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-const WEB: &str = "spiffe://example.org/web";
-const API: &str = "spiffe://example.org/api";
+/// The `drain_timeout` every [`Node`] runs with.
 const DRAIN: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------
-// Daemons
-
-/// A daemon process with its config and admin address.
-struct Node {
-    dir: PathBuf,
-    daemon: Daemon,
-    admin: SocketAddr,
-}
-
-impl Node {
-    fn pid(&self) -> u32 {
-        self.daemon.pid()
-    }
-
-    async fn metrics(&self) -> String {
-        metrics(self.admin).await
-    }
-}
-
-fn admin_and_defaults(admin: SocketAddr) -> String {
-    format!(
-        "[admin]\nlisten = \"{admin}\"\n[defaults]\ndrain_timeout = \"{}s\"\n",
-        DRAIN.as_secs()
-    )
-}
-
-/// A daemon with the file identity of `leaf` in `dir`, running `tunnels`.
-async fn file_node(dir: &Path, leaf: &Leaf, tunnels: &str) -> Node {
-    std::fs::create_dir_all(dir).unwrap();
-    leaf.write_files(dir);
-    let admin = free_addr();
-    let config = dir.join("tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n\
-             [identity.bundles]\n\"example.org\" = \"bundle.pem\"\n{}{tunnels}",
-            admin_and_defaults(admin)
-        ),
-    )
-    .unwrap();
-    let daemon = Daemon::run(&config);
-    daemon.wait_running().await;
-    Node {
-        dir: dir.to_path_buf(),
-        daemon,
-        admin,
-    }
-}
-
-fn inbound(name: &str, listen: SocketAddr, target: SocketAddr, allow: &str, extra: &str) -> String {
-    format!(
-        "[[inbound]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"{target}\"\nallow = [\"{allow}\"]\n{extra}\n"
-    )
-}
-
-fn outbound(
-    name: &str,
-    listen: SocketAddr,
-    upstream: SocketAddr,
-    allow: &str,
-    extra: &str,
-) -> String {
-    format!(
-        "[[outbound]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstreams = [\"{upstream}\"]\nallow = [\"{allow}\"]\n{extra}\n"
-    )
-}
 
 /// What `finish` found.
 struct Finish {
@@ -327,48 +260,11 @@ fn first_failures(failures: &[String]) -> Vec<&String> {
 // ---------------------------------------------------------------------------
 // The agent killed and restarted every two seconds
 
-fn start_agent(dir: &Path, socket: &Path, ca_dir: &Path) -> Daemon {
-    Daemon::spawn(
-        &[
-            "dev-agent",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-            "--id",
-            WEB,
-            "--id",
-            API,
-            "--ttl",
-            "60s",
-            "--ca-dir",
-            ca_dir.to_str().unwrap(),
-        ],
-        dir,
-        &[],
-    )
-}
-
-async fn workload_api_node(dir: &Path, socket: &Path, tunnels: &str) -> Node {
-    std::fs::create_dir_all(dir).unwrap();
-    let admin = free_addr();
-    let config = dir.join("tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[identity]\nsource = \"workload_api\"\nsocket = \"unix://{}\"\nstartup_timeout = \"20s\"\n{}{tunnels}",
-            socket.display(),
-            admin_and_defaults(admin)
-        ),
-    )
-    .unwrap();
-    let daemon = Daemon::run(&config);
-    daemon.wait_running().await;
-    Node {
-        dir: dir.to_path_buf(),
-        daemon,
-        admin,
-    }
+async fn start_agent(dir: &Path, socket: &Path, ca_dir: &Path) -> DevAgent {
+    let args = ["--id", WEB, "--id", API, "--ttl", "60s", "--ca-dir"];
+    let mut args = args.to_vec();
+    args.push(ca_dir.to_str().unwrap());
+    DevAgent::start(dir, socket, "example.org", &args).await
 }
 
 const API_UP: &str = "spiffe_tunnel_workload_api_up";
@@ -397,31 +293,17 @@ async fn agent_killed_and_restarted_every_two_seconds_under_traffic() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let (socket, ca_dir) = (tmp.path().join("agent.sock"), tmp.path().join("ca"));
-    let mut agent = start_agent(tmp.path(), &socket, &ca_dir);
-    agent
-        .wait_log("dev agent serving", 1, Duration::from_secs(20))
-        .await;
+    let mut agent = start_agent(tmp.path(), &socket, &ca_dir).await;
 
     let target = Target::start(TargetMode::Echo).await;
-    let (in_addr, out_addr) = (free_addr(), free_addr());
-    let mut server = workload_api_node(
-        &tmp.path().join("in"),
-        &socket,
-        &inbound(
-            "api",
-            in_addr,
-            target.addr,
-            WEB,
-            &format!("svid = \"{API}\""),
-        ),
-    )
-    .await;
-    let mut client = workload_api_node(
-        &tmp.path().join("out"),
-        &socket,
-        &outbound("api", out_addr, in_addr, API, &format!("svid = \"{WEB}\"")),
-    )
-    .await;
+    let Pair {
+        mut server,
+        mut client,
+        out_addr,
+        ..
+    } = Pair::workload_api(&agent, target.addr)
+        .start(tmp.path())
+        .await;
 
     for n in 0..5 {
         plain_request(out_addr, n).await.unwrap();
@@ -454,7 +336,7 @@ async fn agent_killed_and_restarted_every_two_seconds_under_traffic() {
         if let Err(e) = long.ping().await {
             long_failures.push(format!("cycle {cycle}, agent down: {e}"));
         }
-        agent = start_agent(tmp.path(), &socket, &ca_dir);
+        agent = start_agent(tmp.path(), &socket, &ca_dir).await;
         agents_seen += 1;
         // Both ends reconnect and take the new agent's SVIDs.
         wait_metric(
@@ -495,7 +377,7 @@ async fn agent_killed_and_restarted_every_two_seconds_under_traffic() {
     drop(long);
     let fin_in = finish(&mut server, &["api"], base_in).await;
     let fin_out = finish(&mut client, &["api"], base_out).await;
-    let agent_panics = panic_lines(&agent.log()).len();
+    let agent_panics = panic_lines(&agent.daemon.log()).len();
 
     let mut s = Summary::new(
         "faults-agent-restarts",
@@ -572,10 +454,11 @@ async fn backend_flaps_failures_are_upstream_errors_and_traffic_recovers() {
     let ca = Ca::new("example.org");
     let mut target = FlappingTarget::start().await;
     let in_addr = free_addr();
-    let mut node = file_node(
+    let mut node = Node::start(
         tmp.path(),
         &ca.leaf(API),
-        &inbound("api", in_addr, target.addr, WEB, ""),
+        "",
+        &inbound("api", in_addr, target.addr, &only(WEB), ""),
     )
     .await;
     let config = web_client(&ca);
@@ -722,10 +605,17 @@ async fn sighup_a_hundred_times_in_a_row_during_traffic() {
         format!("{WEB}\nspiffe://example.org/ns/batch/*\ndeny spiffe://example.org/intruder\n"),
     ];
     std::fs::write(&policy, &policies[0]).unwrap();
-    let mut node = file_node(
+    let mut node = Node::start(
         tmp.path(),
         &ca.leaf(API),
-        &inbound("api", in_addr, target.addr, WEB, "policy = \"api.policy\""),
+        "",
+        &inbound(
+            "api",
+            in_addr,
+            target.addr,
+            &only(WEB),
+            "policy = \"api.policy\"",
+        ),
     )
     .await;
     let config = web_client(&ca);
@@ -861,10 +751,11 @@ async fn file_identity_replaced_with_garbage_then_a_good_file() {
     let target = Target::start(TargetMode::Echo).await;
     let in_addr = free_addr();
     let first = ca.leaf(API);
-    let mut node = file_node(
+    let mut node = Node::start(
         tmp.path(),
         &first,
-        &inbound("api", in_addr, target.addr, WEB, ""),
+        "",
+        &inbound("api", in_addr, target.addr, &only(WEB), ""),
     )
     .await;
     let (cert, key, bundle) = (
@@ -1102,19 +993,13 @@ async fn upstream_resets_mid_stream_close_the_client_side_and_leak_nothing() {
     let ca = Ca::new("example.org");
     // Reads 4 KiB of each connection, then resets it.
     let target = ResetTarget::start(4096).await;
-    let (in_addr, out_addr) = (free_addr(), free_addr());
-    let mut server = file_node(
-        &tmp.path().join("in"),
-        &ca.leaf(API),
-        &inbound("api", in_addr, target.addr, WEB, ""),
-    )
-    .await;
-    let mut client = file_node(
-        &tmp.path().join("out"),
-        &ca.leaf(WEB),
-        &outbound("api", out_addr, in_addr, API, ""),
-    )
-    .await;
+    let Pair {
+        mut server,
+        mut client,
+        in_addr,
+        out_addr,
+        ..
+    } = Pair::files(&ca, target.addr).start(tmp.path()).await;
     let config = web_client(&ca);
     // Warm up both, then the baseline.
     for _ in 0..2 {

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::agent::DevAgent;
 use common::certs::{dns_san, uri_san, Ca, DnType, Leaf};
 use common::haproxy::{example_config, HaProxy};
 use common::harness::*;
@@ -55,45 +56,9 @@ const REQUEST: &[u8] = b"GET / HTTP/1.0\r\nHost: backend\r\n\r\n";
 
 // ------------------------------------------------------------ processes
 
-/// The dev agent as a process.
-struct Agent {
-    daemon: Daemon,
-    socket: PathBuf,
-}
-
-impl Agent {
-    async fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
-        let socket = dir.join(format!("{name}.sock"));
-        let mut all = vec![
-            "dev-agent",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--trust-domain",
-            TD,
-        ];
-        all.extend_from_slice(args);
-        let daemon = Daemon::spawn(&all, dir, &[]);
-        let probe = socket.clone();
-        wait_until(
-            "the dev agent's socket",
-            Duration::from_secs(20),
-            move || probe.exists(),
-        )
-        .await;
-        Self { daemon, socket }
-    }
-
-    fn address(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-
-    /// An `[identity]` table taking SVIDs from this agent.
-    fn identity_toml(&self) -> String {
-        format!(
-            "[identity]\nsource = \"workload_api\"\nsocket = \"{}\"\nstartup_timeout = \"20s\"\n",
-            self.address()
-        )
-    }
+/// The dev agent of trust domain [`TD`] on `dir/<name>.sock`.
+async fn dev_agent(dir: &Path, name: &str, args: &[&str]) -> DevAgent {
+    DevAgent::start(dir, &dir.join(format!("{name}.sock")), TD, args).await
 }
 
 /// `spiffe-tunnel svid watch` for one SPIFFE ID: the SPIRE-named files in
@@ -112,7 +77,7 @@ impl Watch {
     /// is `admin`, if given.
     /// With `admin`, HAProxy's master CLI is taken to be [`master_of`]
     /// it, as [`start_haproxy`] starts HAProxy.
-    async fn start(dir: &Path, name: &str, agent: &Agent, id: &str, admin: Option<&Path>) -> Self {
+    async fn start(dir: &Path, name: &str, agent: &DevAgent, id: &str, admin: Option<&Path>) -> Self {
         let master = admin.map(master_of);
         Self::start_with(dir, name, agent, id, admin, master.as_deref()).await
     }
@@ -122,7 +87,7 @@ impl Watch {
     async fn start_with(
         dir: &Path,
         name: &str,
-        agent: &Agent,
+        agent: &DevAgent,
         id: &str,
         admin: Option<&Path>,
         master: Option<&Path>,
@@ -556,7 +521,7 @@ async fn haproxy_presents_each_new_svid_and_takes_each_new_ca_keeping_its_pid() 
     let d = dir.path();
     // SVIDs live 3 s (renewed every 1.5-2 s); the CA lives 8 s: the next CA
     // joins the bundle at 4 s and signs from 6 s.
-    let agent = Agent::start(
+    let agent = dev_agent(
         d,
         "agent",
         &[
@@ -933,7 +898,7 @@ async fn haproxy_before_3_0_lets_anyone_in_after_a_runtime_commit_of_a_nameless_
 async fn without_the_master_cli_nothing_unsafe_is_committed_into_an_old_haproxy() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = Agent::start(
+    let agent = dev_agent(
         d,
         "agent",
         &["--id", HAPROXY_ID, "--ttl", "3s", "--ca-ttl", "8s"],
@@ -1017,7 +982,7 @@ async fn presented_by(addr: SocketAddr) -> Option<CertificateDer<'static>> {
 async fn spiffe_tunnel_outbound_into_haproxy_frontend_across_rotations() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = Agent::start(
+    let agent = dev_agent(
         d,
         "agent",
         &["--id", HAPROXY_ID, "--id", WEB, "--ttl", "3s"],
@@ -1084,7 +1049,7 @@ async fn spiffe_tunnel_outbound_into_haproxy_frontend_across_rotations() {
 async fn haproxy_server_line_into_spiffe_tunnel_inbound_across_rotations() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = Agent::start(
+    let agent = dev_agent(
         d,
         "agent",
         &["--id", HAPROXY_ID, "--id", API, "--ttl", "3s"],
@@ -1154,7 +1119,7 @@ async fn haproxy_server_line_into_spiffe_tunnel_inbound_across_rotations() {
 async fn two_haproxy_sidecars_fed_by_svid_watch() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = Agent::start(d, "agent", &["--id", WEB, "--id", API, "--ttl", "3s"]).await;
+    let agent = dev_agent(d, "agent", &["--id", WEB, "--id", API, "--ttl", "3s"]).await;
     let backend = HttpBackend::start().await;
 
     let api_admin = d.join("api-admin.sock");
@@ -1632,7 +1597,7 @@ async fn svid_watch_writes_are_atomic_across_50_rotations() {
     let mut watches = Vec::new();
     for k in 0..AGENTS {
         let id = format!("spiffe://{TD}/w{k}");
-        let agent = Agent::start(d, &format!("agent{k}"), &["--id", &id, "--ttl", "1s"]).await;
+        let agent = dev_agent(d, &format!("agent{k}"), &["--id", &id, "--ttl", "1s"]).await;
         watches.push(Watch::start(d, &format!("w{k}"), &agent, &id, None).await);
         agents.push(agent);
     }

@@ -32,13 +32,7 @@ async fn an_update_with_the_same_serial_and_a_new_key_is_published() {
         tmp.path(),
         &first,
         "",
-        &inbound(
-            "api",
-            listen,
-            &target.addr.to_string(),
-            &format!("{WEB:?}"),
-            "",
-        ),
+        &inbound("api", listen, target.addr, &format!("{WEB:?}"), ""),
     )
     .await;
     let web = ca.leaf(WEB);

@@ -29,13 +29,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::certs::{Ca, Leaf};
 use common::harness::*;
+use common::node::{inbound, only, Node};
 use common::probe::*;
 use common::targets::RecordingTarget;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -489,27 +489,26 @@ fn spread(durations: &[Duration]) -> String {
     format!("{:.2}–{:.2} s", min.as_secs_f64(), max.as_secs_f64())
 }
 
-fn write_config(
-    dir: &Path,
-    admin: SocketAddr,
-    api: (SocketAddr, SocketAddr),
-    edge: (SocketAddr, SocketAddr),
-) -> std::path::PathBuf {
-    let config = dir.join("tunnel.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n\
-             [identity.bundles]\n\"example.org\" = \"bundle.pem\"\n\
-             [admin]\nlisten = \"{admin}\"\n\
-             [defaults]\nhandshake_timeout = \"2s\"\ndrain_timeout = \"5s\"\n\
-             [[inbound]]\nname = \"api\"\nlisten = \"{}\"\ntarget = \"{}\"\nallow = [\"{WEB}\"]\nmax_connections = {API_LIMIT}\n\
-             [[inbound]]\nname = \"edge\"\nlisten = \"{}\"\ntarget = \"{}\"\nallow = [\"{WEB}\"]\nmax_connections = {EDGE_LIMIT}\n",
-            api.0, api.1, edge.0, edge.1
+/// Two inbounds allowing web, each in front of its recording target: "api"
+/// (room for [`API_LIMIT`] connections) and "edge" ([`EDGE_LIMIT`]).
+fn tunnels(api: (SocketAddr, SocketAddr), edge: (SocketAddr, SocketAddr)) -> String {
+    format!(
+        "{}{}",
+        inbound(
+            "api",
+            api.0,
+            api.1,
+            &only(WEB),
+            &format!("max_connections = {API_LIMIT}")
+        ),
+        inbound(
+            "edge",
+            edge.0,
+            edge.1,
+            &only(WEB),
+            &format!("max_connections = {EDGE_LIMIT}")
         ),
     )
-    .unwrap();
-    config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,21 +516,21 @@ async fn hostile_input_never_reaches_the_target_and_authorized_clients_are_serve
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("example.org");
-    ca.leaf(API).write_files(tmp.path());
     let web = ca.leaf(WEB);
     let intruder = ca.leaf(INTRUDER);
     let forged = Ca::new("example.org").leaf(WEB); // right ID, wrong CA
     let api_target = RecordingTarget::start().await;
     let edge_target = RecordingTarget::start().await;
-    let (api, edge, admin) = (free_addr(), free_addr(), free_addr());
-    let config = write_config(
+    let (api, edge) = (free_addr(), free_addr());
+    let Node {
+        mut daemon, admin, ..
+    } = Node::start(
         tmp.path(),
-        admin,
-        (api, api_target.addr),
-        (edge, edge_target.addr),
-    );
-    let mut daemon = Daemon::run(&config);
-    daemon.wait_running().await;
+        &ca.leaf(API),
+        "handshake_timeout = \"2s\"",
+        &tunnels((api, api_target.addr), (edge, edge_target.addr)),
+    )
+    .await;
     let pid = daemon.pid();
 
     // Warm up (first connections allocate lazily), then take the baseline.

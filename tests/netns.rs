@@ -22,9 +22,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::harness::serials_in_use;
 use common::netns::*;
 
 const WEB: &str = "spiffe://example.org/web";
@@ -39,45 +40,6 @@ const INBOUND: u16 = 8443;
 const INBOUND_B: u16 = 8444;
 const OUTBOUND: &str = "127.0.0.1:8080";
 const OUTBOUND_B: &str = "127.0.0.1:8081";
-
-/// A dev agent in a node, and its Workload API socket.
-struct Agent {
-    proc: Proc,
-    socket: PathBuf,
-}
-
-/// Starts `dev-agent` in `node` and waits for its socket.
-fn agent(node: &Node, trust_domain: &str, ids: &[&str], extra: &[&str]) -> Agent {
-    let socket = node.path("agent.sock");
-    let _ = std::fs::remove_file(&socket);
-    let mut args = vec![
-        "dev-agent",
-        "--socket",
-        socket.to_str().unwrap(),
-        "--trust-domain",
-        trust_domain,
-    ];
-    for id in ids {
-        args.extend(["--id", id]);
-    }
-    args.extend_from_slice(extra);
-    let proc = node.spiffe_tunnel("agent", &args);
-    wait_for(
-        &format!("the agent socket of {}", node.name),
-        Duration::from_secs(20),
-        || socket.exists(),
-    );
-    Agent { proc, socket }
-}
-
-/// `spiffe-tunnel run` in `node` with its identity from `agent`.
-fn tunnel(node: &Node, agent: &Agent, tunnels: &str) -> Proc {
-    node.run_tunnel(
-        "tunnel",
-        &format!("unix://{}", agent.socket.display()),
-        tunnels,
-    )
-}
 
 fn inbound(name: &str, port: u16, app: u16, svid: &str, allow: &str) -> String {
     format!(
@@ -95,24 +57,7 @@ fn outbound(name: &str, listen: &str, upstreams: &[String], svid: &str, extra: &
 
 /// The serials a tunnel process has logged as "SVID in use" for `id`, in order.
 fn serials(proc: &Proc, id: &str) -> Vec<String> {
-    let needle = format!("spiffe_id={id} ");
-    let mut seen: Vec<String> = Vec::new();
-    for line in proc
-        .log()
-        .lines()
-        .filter(|l| l.contains("SVID in use") && l.contains(&needle))
-    {
-        if let Some(serial) = line
-            .split("serial=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-        {
-            if seen.last().map(String::as_str) != Some(serial) {
-                seen.push(serial.to_string());
-            }
-        }
-    }
-    seen
+    serials_in_use(&proc.log(), id)
 }
 
 /// Requests sent and the ones that failed, with why.
@@ -185,14 +130,13 @@ fn two_nodes_traffic_rotation_and_a_policy_denial() {
     // two seconds and are renewed every second.
     let ca = ca_arg(lan.dir(), "ca");
     let shared = ["--ttl", "2s", "--ca-dir", &ca];
-    let agent1 = agent(&node1, "example.org", &[WEB, INTRUDER], &shared);
-    let agent2 = agent(&node2, "example.org", &[API], &shared);
+    let agent1 = node1.dev_agent("example.org", &[WEB, INTRUDER], &shared);
+    let agent2 = node2.dev_agent("example.org", &[API], &shared);
 
     let app = node2.echo_app("app", APP);
-    let tunnel2 = tunnel(&node2, &agent2, &inbound("api", INBOUND, APP, API, WEB));
+    let tunnel2 = node2.tunnel(&agent2, &inbound("api", INBOUND, APP, API, WEB));
     let upstream = vec![node2.addr(INBOUND).to_string()];
-    let tunnel1 = tunnel(
-        &node1,
+    let tunnel1 = node1.tunnel(
         &agent1,
         &format!(
             "{}{}",
@@ -293,20 +237,18 @@ fn three_nodes_balance_and_a_cut_link_costs_no_request() {
     let node3 = lan.node("node3");
     let ca = ca_arg(lan.dir(), "ca");
     let shared = ["--ttl", "1m", "--ca-dir", &ca];
-    let agent1 = agent(&node1, "example.org", &[WEB], &shared);
-    let agent2 = agent(&node2, "example.org", &[API], &shared);
-    let agent3 = agent(&node3, "example.org", &[API], &shared);
+    let agent1 = node1.dev_agent("example.org", &[WEB], &shared);
+    let agent2 = node2.dev_agent("example.org", &[API], &shared);
+    let agent3 = node3.dev_agent("example.org", &[API], &shared);
     let app2 = node2.echo_app("app", APP);
     let app3 = node3.echo_app("app", APP);
-    let _tunnel2 = tunnel(&node2, &agent2, &inbound("api", INBOUND, APP, API, WEB));
-    let _tunnel3 = tunnel(&node3, &agent3, &inbound("api", INBOUND, APP, API, WEB));
+    let _tunnel2 = node2.tunnel(&agent2, &inbound("api", INBOUND, APP, API, WEB));
+    let _tunnel3 = node3.tunnel(&agent3, &inbound("api", INBOUND, APP, API, WEB));
     let upstreams = vec![
         node2.addr(INBOUND).to_string(),
         node3.addr(INBOUND).to_string(),
     ];
-    let tunnel1 = tunnel(
-        &node1,
-        &agent1,
+    let tunnel1 = node1.tunnel(&agent1,
         &outbound(
             "api",
             OUTBOUND,
@@ -405,16 +347,12 @@ fn partition_from_the_agent_serves_until_expiry_then_refuses() {
     let node2 = lan.node("node2");
     let ca = ca_arg(lan.dir(), "ca");
     let shared = ["--ttl", "4s", "--ca-dir", &ca];
-    let agent1 = agent(&node1, "example.org", &[WEB], &shared);
-    let mut agent2 = agent(&node2, "example.org", &[API], &shared);
+    let agent1 = node1.dev_agent("example.org", &[WEB], &shared);
+    let mut agent2 = node2.dev_agent("example.org", &[API], &shared);
     let app = node2.echo_app("app", APP);
-    let tunnel2 = tunnel(&node2, &agent2, &inbound("api", INBOUND, APP, API, WEB));
+    let tunnel2 = node2.tunnel(&agent2, &inbound("api", INBOUND, APP, API, WEB));
     let upstream = vec![node2.addr(INBOUND).to_string()];
-    let _tunnel1 = tunnel(
-        &node1,
-        &agent1,
-        &outbound("api", OUTBOUND, &upstream, WEB, ""),
-    );
+    let _tunnel1 = node1.tunnel(&agent1, &outbound("api", OUTBOUND, &upstream, WEB, ""));
     let mut client1 = node1.client();
     let mut client2 = node2.client();
 
@@ -496,7 +434,7 @@ fn partition_from_the_agent_serves_until_expiry_then_refuses() {
     // The partition heals: the agent is back (same CA), node 2 reconnects
     // on its own and serves again.
     let healed_at = Instant::now();
-    let _agent2 = agent(&node2, "example.org", &[API], &shared);
+    let _agent2 = node2.dev_agent("example.org", &[API], &shared);
     let mut healed = Tally::default();
     let deadline = healed_at + Duration::from_secs(40);
     loop {
@@ -542,13 +480,8 @@ fn federation_lets_the_other_domain_in_only_where_the_policy_says() {
     // Each agent must be given the other domain's bundle at start, so make
     // both CAs first (an agent keeps its CA in --ca-dir) ...
     {
-        let _a = agent(
-            &node1,
-            "other.org",
-            &[PARTNER_WEB],
-            &["--ca-dir", &ca_other],
-        );
-        let _b = agent(&node2, "example.org", &[API], &["--ca-dir", &ca_example]);
+        let _a = node1.dev_agent("other.org", &[PARTNER_WEB], &["--ca-dir", &ca_other]);
+        let _b = node2.dev_agent("example.org", &[API], &["--ca-dir", &ca_example]);
         for ca in [&ca_other, &ca_example] {
             let pem = Path::new(ca).join("ca.pem");
             wait_for(&pem.display().to_string(), Duration::from_secs(10), || {
@@ -559,8 +492,7 @@ fn federation_lets_the_other_domain_in_only_where_the_policy_says() {
     let bundle_other = format!("other.org={ca_other}/ca.pem");
     let bundle_example = format!("example.org={ca_example}/ca.pem");
     // ... then run them for good, federated with each other.
-    let agent1 = agent(
-        &node1,
+    let agent1 = node1.dev_agent(
         "other.org",
         &[PARTNER_WEB],
         &[
@@ -574,8 +506,7 @@ fn federation_lets_the_other_domain_in_only_where_the_policy_says() {
             &format!("{PARTNER_WEB}=example.org"),
         ],
     );
-    let agent2 = agent(
-        &node2,
+    let agent2 = node2.dev_agent(
         "example.org",
         &[API],
         &[
@@ -593,8 +524,7 @@ fn federation_lets_the_other_domain_in_only_where_the_policy_says() {
     // node2: inbound "partner" lets other.org in; "internal" only example.org.
     let partner_app = node2.echo_app("partner-app", APP);
     let internal_app = node2.echo_app("internal-app", APP_B);
-    let tunnel2 = tunnel(
-        &node2,
+    let tunnel2 = node2.tunnel(
         &agent2,
         &format!(
             "{}{}",
@@ -602,8 +532,7 @@ fn federation_lets_the_other_domain_in_only_where_the_policy_says() {
             inbound("internal", INBOUND_B, APP_B, API, "spiffe://example.org/**")
         ),
     );
-    let tunnel1 = tunnel(
-        &node1,
+    let tunnel1 = node1.tunnel(
         &agent1,
         &format!(
             "{}{}",
@@ -714,24 +643,18 @@ fn three_nodes_a_node_past_its_svid_expiry_costs_no_request() {
     let node3 = lan.node("node3");
     let ca = ca_arg(lan.dir(), "ca");
     let long = ["--ttl", "1m", "--ca-dir", &ca];
-    let agent1 = agent(&node1, "example.org", &[WEB], &long);
-    let agent2 = agent(&node2, "example.org", &[API], &long);
-    let mut agent3 = agent(
-        &node3,
-        "example.org",
-        &[API],
-        &["--ttl", "2s", "--ca-dir", &ca],
-    );
+    let agent1 = node1.dev_agent("example.org", &[WEB], &long);
+    let agent2 = node2.dev_agent("example.org", &[API], &long);
+    let mut agent3 = node3.dev_agent("example.org", &[API], &["--ttl", "2s", "--ca-dir", &ca]);
     let app2 = node2.echo_app("app", APP);
     let app3 = node3.echo_app("app", APP);
-    let _tunnel2 = tunnel(&node2, &agent2, &inbound("api", INBOUND, APP, API, WEB));
-    let tunnel3 = tunnel(&node3, &agent3, &inbound("api", INBOUND, APP, API, WEB));
+    let _tunnel2 = node2.tunnel(&agent2, &inbound("api", INBOUND, APP, API, WEB));
+    let tunnel3 = node3.tunnel(&agent3, &inbound("api", INBOUND, APP, API, WEB));
     let upstreams = vec![
         node2.addr(INBOUND).to_string(),
         node3.addr(INBOUND).to_string(),
     ];
-    let _tunnel1 = tunnel(
-        &node1,
+    let _tunnel1 = node1.tunnel(
         &agent1,
         &outbound(
             "api",

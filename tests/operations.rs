@@ -7,77 +7,20 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::certs::Ca;
 use common::harness::*;
+use common::node::{inbound, only, Node};
+use common::pair::{Pair, API, WEB};
+use common::probe::{http_get as get, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const WEB: &str = "spiffe://example.org/web";
-const API: &str = "spiffe://example.org/api";
-
-/// A raw HTTP/1.0 GET; returns (status code, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
-}
-
-/// The value of one sample line in a Prometheus exposition.
-fn sample(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-struct Node {
-    config: PathBuf,
-    daemon: Daemon,
-    admin: SocketAddr,
-}
-
-/// One daemon with a file identity `id`; `tunnels` is the TOML of its
-/// tunnels, `extra` any more top-level tables.
-async fn node(dir: &Path, ca: &Ca, id: &str, tunnels: &str) -> Node {
-    std::fs::create_dir_all(dir).unwrap();
-    ca.leaf(id).write_files(dir);
-    let admin = free_addr();
-    let config = dir.join("tunnel.toml");
-    std::fs::write(&config, config_text(admin, tunnels)).unwrap();
-    let daemon = Daemon::run(&config);
-    daemon.wait_running().await;
-    Node {
-        config,
-        daemon,
-        admin,
-    }
-}
-
-fn config_text(admin: SocketAddr, tunnels: &str) -> String {
-    format!(
-        "[identity]\nsource = \"files\"\ncert = \"svid.pem\"\nkey = \"svid.key\"\n[identity.bundles]\n\"example.org\" = \"bundle.pem\"\n\
-         [admin]\nlisten = \"{admin}\"\n[defaults]\ndrain_timeout = \"5s\"\n{tunnels}"
-    )
-}
-
-fn inbound(name: &str, listen: SocketAddr, target: SocketAddr, allow: &str, extra: &str) -> String {
-    format!("[[inbound]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"{target}\"\nallow = [{allow}]\n{extra}\n")
-}
-
-fn outbound(name: &str, listen: SocketAddr, upstream: SocketAddr) -> String {
-    format!("[[outbound]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstreams = [\"{upstream}\"]\nallow = [\"{API}\"]\n")
+/// A file-identity node presenting `id`, in `dir`, running `tunnels`.
+async fn node(dir: &std::path::Path, ca: &Ca, id: &str, tunnels: &str) -> Node {
+    Node::start(dir, &ca.leaf(id), "", tunnels).await
 }
 
 /// An open connection through a tunnel that echoes on demand.
@@ -103,79 +46,21 @@ impl Live {
     }
 }
 
-/// An inbound "api" node (presenting API, allowing web, in front of an echo
-/// target) and an outbound node (presenting web) dialling it.
-struct Pair {
-    _tmp: tempfile::TempDir,
-    target: Target,
-    server: Node,
-    client: Node,
-    in_addr: SocketAddr,
-    out_addr: SocketAddr,
-}
-
-impl Pair {
-    async fn start() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = Ca::new("example.org");
-        let target = Target::start(TargetMode::Echo).await;
-        let (in_addr, out_addr) = (free_addr(), free_addr());
-        let server = node(
-            &tmp.path().join("in"),
-            &ca,
-            API,
-            &inbound("api", in_addr, target.addr, &format!("{WEB:?}"), ""),
-        )
-        .await;
-        let client = node(
-            &tmp.path().join("out"),
-            &ca,
-            WEB,
-            &outbound("api", out_addr, in_addr),
-        )
-        .await;
-        Self {
-            _tmp: tmp,
-            target,
-            server,
-            client,
-            in_addr,
-            out_addr,
-        }
-    }
-
-    /// The server's inbound "api" with `allow` and `extra` keys.
-    fn inbound(&self, allow: &str, extra: &str) -> String {
-        inbound("api", self.in_addr, self.target.addr, allow, extra)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_metrics_and_status() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("example.org");
     let target = Target::start(TargetMode::Echo).await;
-    let (in_addr, out_addr) = (free_addr(), free_addr());
-    let server = node(
-        &tmp.path().join("in"),
-        &ca,
-        API,
-        &inbound(
-            "api",
-            in_addr,
-            target.addr,
-            &format!("{WEB:?}"),
-            "access_log = true",
-        ),
-    )
-    .await;
-    let client = node(
-        &tmp.path().join("out"),
-        &ca,
-        WEB,
-        &outbound("api", out_addr, in_addr),
-    )
-    .await;
+    let Pair {
+        server,
+        client,
+        in_addr,
+        out_addr,
+        ..
+    } = Pair::files(&ca, target.addr)
+        .inbound_extra("access_log = true")
+        .start(tmp.path())
+        .await;
 
     assert_eq!(get(server.admin, "/healthz").await, (200, "ok\n".into()));
     assert_eq!(get(server.admin, "/readyz").await.0, 200);
@@ -290,19 +175,13 @@ async fn policy_reload_revokes_live_connections_and_a_bad_reload_changes_nothing
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("example.org");
     let target = Target::start(TargetMode::Echo).await;
-    let (in_addr, out_addr) = (free_addr(), free_addr());
-    let dir = tmp.path().join("in");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("api.policy"), format!("{WEB}\n")).unwrap();
-    let tunnels = inbound("api", in_addr, target.addr, "", "policy = \"api.policy\"");
-    let server = node(&dir, &ca, API, &tunnels).await;
-    let _client = node(
-        &tmp.path().join("out"),
-        &ca,
-        WEB,
-        &outbound("api", out_addr, in_addr),
-    )
-    .await;
+    let pair = Pair::files(&ca, target.addr)
+        .server_file("api.policy", &format!("{WEB}\n"))
+        .inbound_allow("")
+        .inbound_extra("policy = \"api.policy\"")
+        .start(tmp.path())
+        .await;
+    let (server, out_addr, dir) = (&pair.server, pair.out_addr, &pair.server.dir);
     let mut live = Live::open(out_addr).await;
 
     // A malformed policy: refused, counted, and the live connection stays.
@@ -421,11 +300,7 @@ async fn sighup_adds_and_removes_tunnels_without_touching_the_others() {
 
     // Reload: "gone" removed, "new" added, "keep" unchanged.
     let added = inbound("new", new_addr, target.addr, &format!("{WEB:?}"), "");
-    std::fs::write(
-        &server.config,
-        config_text(server.admin, &format!("{keep}{added}")),
-    )
-    .unwrap();
+    server.write_config("", &format!("{keep}{added}"));
     server.daemon.signal("HUP");
     server
         .daemon
@@ -474,7 +349,9 @@ async fn sighup_adds_and_removes_tunnels_without_touching_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_under_load_finishes_live_connections_and_exits_zero() {
-    let mut pair = Pair::start().await;
+    let (tmp, ca) = (tempfile::tempdir().unwrap(), Ca::new("example.org"));
+    let target = Target::start(TargetMode::Echo).await;
+    let mut pair = Pair::files(&ca, target.addr).start(tmp.path()).await;
     let (in_addr, out_addr) = (pair.in_addr, pair.out_addr);
     let server = &mut pair.server;
 
@@ -527,27 +404,15 @@ async fn drain_timeout_closes_what_is_left_and_a_second_signal_is_immediate() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("example.org");
     let target = Target::start(TargetMode::Echo).await;
-    let (in_addr, out_addr) = (free_addr(), free_addr());
-    let mut server = node(
-        &tmp.path().join("in"),
-        &ca,
-        API,
-        &inbound(
-            "api",
-            in_addr,
-            target.addr,
-            &format!("{WEB:?}"),
-            "drain_timeout = \"1s\"",
-        ),
-    )
-    .await;
-    let _client = node(
-        &tmp.path().join("out"),
-        &ca,
-        WEB,
-        &outbound("api", out_addr, in_addr),
-    )
-    .await;
+    let Pair {
+        mut server,
+        client: _client,
+        out_addr,
+        ..
+    } = Pair::files(&ca, target.addr)
+        .inbound_extra("drain_timeout = \"1s\"")
+        .start(tmp.path())
+        .await;
     let _idle = Live::open(out_addr).await;
     server.daemon.signal("TERM");
     assert_eq!(
@@ -655,7 +520,7 @@ async fn outbound_balances_over_live_upstreams_and_retries_past_a_dead_one() {
 /// Rewrites a node's config with `tunnels`, sends SIGHUP and waits for the
 /// `nth` reload outcome line ("reloaded:" or "reload refused") in its log.
 async fn reload(node: &Node, tunnels: &str, nth: usize) -> String {
-    std::fs::write(&node.config, config_text(node.admin, tunnels)).unwrap();
+    node.write_config("", tunnels);
     node.daemon.signal("HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -696,7 +561,9 @@ fn count_refusals(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inline_allow_change_revokes_live_connections_of_replaced_tunnels() {
-    let pair = Pair::start().await;
+    let (tmp, ca) = (tempfile::tempdir().unwrap(), Ca::new("example.org"));
+    let target = Target::start(TargetMode::Echo).await;
+    let pair = Pair::files(&ca, target.addr).start(tmp.path()).await;
     let (server, client, in_addr, out_addr) =
         (&pair.server, &pair.client, pair.in_addr, pair.out_addr);
     let allow_web = format!("{WEB:?}");
@@ -746,7 +613,7 @@ async fn an_inline_allow_change_revokes_live_connections_of_replaced_tunnels() {
     // The same on the outbound side: its allow no longer names api.
     reload(server, &pair.inbound(&allow_web, ""), 3).await;
     let mut live = Live::open(out_addr).await;
-    let changed = outbound("api", out_addr, in_addr).replace(API, "spiffe://example.org/other");
+    let changed = pair.outbound(&only("spiffe://example.org/other"), "");
     let outcome = reload(client, &changed, 1).await;
     assert!(
         outcome.contains("1 live connection(s) revoked"),
@@ -811,9 +678,10 @@ async fn a_handshake_in_flight_at_sighup_is_judged_by_the_new_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_whose_listener_cannot_bind_changes_nothing() {
-    let pair = Pair::start().await;
-    let (server, target, in_addr, out_addr) =
-        (&pair.server, &pair.target, pair.in_addr, pair.out_addr);
+    let (tmp, ca) = (tempfile::tempdir().unwrap(), Ca::new("example.org"));
+    let target = Target::start(TargetMode::Echo).await;
+    let pair = Pair::files(&ca, target.addr).start(tmp.path()).await;
+    let (server, in_addr, out_addr) = (&pair.server, pair.in_addr, pair.out_addr);
     let extra_addr = free_addr();
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap();

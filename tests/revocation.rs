@@ -85,7 +85,7 @@ async fn a_connection_revoked_while_its_target_is_dialled_sends_the_target_nothi
         &inbound(
             "api",
             listen,
-            &target.to_string(),
+            target,
             "",
             "policy = \"web.policy\"\nproxy_protocol = true\nconnect_timeout = \"20s\"",
         ),
@@ -201,13 +201,7 @@ async fn a_ca_that_expired_closes_nothing_and_a_removed_valid_one_revokes() {
         &tmp.path().join("node"),
         &ours.leaf(API),
         "",
-        &inbound(
-            "api",
-            listen,
-            &echo.addr.to_string(),
-            &format!("{WEB:?}"),
-            "",
-        ),
+        &inbound("api", listen, echo.addr, &format!("{WEB:?}"), ""),
     )
     .await;
     let bundle = node.dir.join("bundle.pem");
@@ -262,13 +256,7 @@ async fn connections_older_than_max_connection_lifetime_are_closed() {
         &tmp.path().join("node"),
         &ca.leaf(API),
         "max_connection_lifetime = \"1500ms\"",
-        &inbound(
-            "api",
-            listen,
-            &echo.addr.to_string(),
-            &format!("{WEB:?}"),
-            "",
-        ),
+        &inbound("api", listen, echo.addr, &format!("{WEB:?}"), ""),
     )
     .await;
     let web = ca.leaf(WEB);

@@ -282,8 +282,8 @@ async fn every_byte_before_a_missing_close_notify_arrives_then_a_reset() {
     let tunnels = [
         outbound("out-rustls", out_rustls, rustls_upstream, &allow_api, ""),
         outbound("out-python", out_python, py_upstream, &allow_api, ""),
-        inbound("in-fast", in_fast, &fast_target.to_string(), &allow_web, ""),
-        inbound("in-slow", in_slow, &slow_target.to_string(), &allow_web, ""),
+        inbound("in-fast", in_fast, fast_target, &allow_web, ""),
+        inbound("in-slow", in_slow, slow_target, &allow_web, ""),
     ]
     .concat();
     let node = FileNode::start(&tmp.path().join("node"), &api, "", &tunnels).await;

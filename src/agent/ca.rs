@@ -397,32 +397,11 @@ fn set_validity(
     Ok(())
 }
 
-/// PEM text of one DER object (RFC 7468: base64, 64 columns).
+/// PEM text of one DER object (RFC 7468: base64, 64 columns), with LF line
+/// endings as SPIRE and OpenSSL write it.
 pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
 #[cfg(test)]
@@ -638,6 +617,10 @@ mod tests {
             assert_eq!(back.as_ref(), data.as_slice(), "length {len}");
             assert!(pem.lines().all(|l| l.len() <= 64 || l.starts_with("-----")));
         }
+        assert_eq!(
+            pem_encode("CERTIFICATE", b"abcd"),
+            "-----BEGIN CERTIFICATE-----\nYWJjZA==\n-----END CERTIFICATE-----\n"
+        );
     }
 
     #[test]

@@ -541,43 +541,31 @@ fn unix_to_system(secs: i64) -> SystemTime {
 
 /// Splits concatenated DER certificates (the Workload API's encoding of
 /// chains and bundles) into one `CertificateDer` each. Only the outer
-/// SEQUENCE framing is read here; each certificate is parsed properly by
-/// whoever uses it.
+/// SEQUENCE framing is read here, by asn1-rs (x509-parser's DER layer,
+/// which returns the rest of the input after each element); each
+/// certificate is parsed properly by whoever uses it, so it is not parsed
+/// twice.
 pub fn split_der_certificates(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    use x509_parser::asn1_rs::{Any, FromDer, Tag};
     let mut certs = Vec::new();
     while !der.is_empty() {
-        let len = der_element_len(der)
-            .ok_or_else(|| format!("certificate {} is not a DER SEQUENCE", certs.len()))?;
-        if len > der.len() {
-            return Err(format!("certificate {} is truncated", certs.len()));
-        }
-        certs.push(CertificateDer::from(der[..len].to_vec()));
-        der = &der[len..];
+        let rest = match Any::from_der(der) {
+            Ok((rest, element)) if element.tag() == Tag::Sequence => rest,
+            Err(x509_parser::nom::Err::Incomplete(_)) => {
+                return Err(format!("certificate {} is truncated", certs.len()))
+            }
+            Ok(_) | Err(_) => {
+                return Err(format!("certificate {} is not a DER SEQUENCE", certs.len()))
+            }
+        };
+        let (cert, after) = der.split_at(der.len() - rest.len());
+        certs.push(CertificateDer::from(cert.to_vec()));
+        der = after;
     }
     if certs.is_empty() {
         return Err("no certificates".into());
     }
     Ok(certs)
-}
-
-/// Total length (header included) of the DER SEQUENCE at the start of `der`.
-fn der_element_len(der: &[u8]) -> Option<usize> {
-    if *der.first()? != 0x30 {
-        return None;
-    }
-    let first = *der.get(1)?;
-    if first < 0x80 {
-        return Some(2 + usize::from(first));
-    }
-    let count = usize::from(first & 0x7f);
-    if count == 0 || count > 4 {
-        return None;
-    }
-    let bytes = der.get(2..2 + count)?;
-    let len = bytes
-        .iter()
-        .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-    (2 + count).checked_add(len)
 }
 
 #[cfg(test)]
@@ -713,5 +701,18 @@ mod tests {
         assert!(split_der_certificates(&[0x30, 0x05, 1]).is_err());
         assert!(split_der_certificates(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_err());
         assert!(split_der_certificates(&[0x30]).is_err());
+        // Which certificate is wrong, and how, is in the reason.
+        let good = [0x30, 0x00];
+        let reason = |der: &[u8]| split_der_certificates(der).unwrap_err();
+        assert_eq!(
+            reason(&[&good[..], &[0x30, 0x05, 1]].concat()),
+            "certificate 1 is truncated"
+        );
+        assert_eq!(reason(&[0x31, 0x00]), "certificate 0 is not a DER SEQUENCE");
+        // Indefinite lengths are BER, not DER.
+        assert_eq!(
+            reason(&[0x30, 0x80, 0x00, 0x00]),
+            "certificate 0 is not a DER SEQUENCE"
+        );
     }
 }

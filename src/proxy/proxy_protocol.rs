@@ -16,6 +16,18 @@
 //! `tests/common/pp2.rs`). The header is built in one allocation of exactly
 //! its size, since the data path writes it once per connection.
 //!
+//! Why ours and not the `ppp` crate's v2 `Builder` (2.3): the builder
+//! writes only the fixed part and the addresses for us. `PP2_TYPE_SSL` has
+//! sub-TLVs, which ppp leaves to the caller byte by byte (its own nested-TLV
+//! example pushes the type, a `u16` length and the body as separate
+//! payloads), so the hardest part stays hand-written either way; a mixed
+//! IPv4/IPv6 pair becomes `Addresses::Unspecified` (no addresses at all), so
+//! the IPv4-mapped fallback below stays too; and every step returns an
+//! `io::Result` for length overflows that [`MAX_VALUE_LEN`] already rules
+//! out at compile time, which the per-connection path would have to map
+//! to an error that cannot happen. The code saved (signature, family byte,
+//! length, four address fields) is about what the glue would cost.
+//!
 //! Layout written (all integers big-endian):
 //!
 //! ```text

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod agent;
 pub mod api_under_test;
 pub mod certs;
 pub mod fake_api;
@@ -7,6 +8,7 @@ pub mod haproxy;
 pub mod harness;
 pub mod netns;
 pub mod node;
+pub mod pair;
 pub mod peers;
 pub mod pp2;
 pub mod probe;

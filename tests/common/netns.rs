@@ -349,6 +349,41 @@ impl Node {
         proc
     }
 
+    /// Starts `dev-agent` in this node on `agent.sock` for `trust_domain`,
+    /// issuing `ids` (`extra`: more arguments), and waits for its socket.
+    pub fn dev_agent(&self, trust_domain: &str, ids: &[&str], extra: &[&str]) -> NsAgent {
+        let socket = self.path("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let mut args = vec![
+            "dev-agent",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--trust-domain",
+            trust_domain,
+        ];
+        for id in ids {
+            args.extend(["--id", id]);
+        }
+        args.extend_from_slice(extra);
+        let proc = self.spiffe_tunnel("agent", &args);
+        wait_for(
+            &format!("the agent socket of {}", self.name),
+            Duration::from_secs(20),
+            || socket.exists(),
+        );
+        NsAgent { proc, socket }
+    }
+
+    /// `spiffe-tunnel run` in this node (label `tunnel`) with its identity
+    /// from `agent`; see [`Node::run_tunnel`].
+    pub fn tunnel(&self, agent: &NsAgent, tunnels: &str) -> Proc {
+        self.run_tunnel(
+            "tunnel",
+            &format!("unix://{}", agent.socket.display()),
+            tunnels,
+        )
+    }
+
     fn command(&self, program: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, program])
@@ -455,6 +490,12 @@ impl Drop for Node {
         // Usually gone with the namespace already; the switch may be too.
         let _ = ip(&["-n", &self.sw, "link", "del", &self.port]);
     }
+}
+
+/// A dev agent in a node ([`Node::dev_agent`]), and its Workload API socket.
+pub struct NsAgent {
+    pub proc: Proc,
+    pub socket: PathBuf,
 }
 
 /// A process running in a node; killed and reaped when dropped.
