@@ -5,6 +5,12 @@
 //! dependency tree through tonic) rather than a web framework: four fixed
 //! routes need no router. Bind it to loopback or a management network; it
 //! has no authentication, like HAProxy's stats page or Envoy's admin port.
+//!
+//! It must not slow the data plane down however it is polled: at most
+//! [`MAX_CONNECTIONS`] connections are served at once (more are answered
+//! 503 and closed at once, counted and logged rate-limited), and `/status`
+//! copies what it shows of the connection registry under its lock (a
+//! pointer per connection) and renders it after letting go.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -19,12 +25,25 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::metrics::ConnResult;
+use crate::proxy::refusal_log::RefusalLog;
 use crate::runtime::{unix_seconds, Shared, TunnelConfig};
+
+/// Admin connections served at once. A scraper, a health checker and a
+/// person need a few; a local client opening more only wants CPU the
+/// tunnels need.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// What a connection over [`MAX_CONNECTIONS`] is told before it is closed.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 32\r\nConnection: close\r\n\r\ntoo many admin connections open\n";
 
 /// Serves the admin endpoint until the task is aborted.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let refusals = RefusalLog::new("admin", "admin");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -34,8 +53,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            shared.metrics.admin_refused.inc();
+            let reason = format!("{MAX_CONNECTIONS} admin connections are open already");
+            if refusals.allow(ConnResult::over_limit, &reason) {
+                warn!(client = %peer, reason = %reason, "admin connection refused");
+            }
+            // One write that cannot block (a fresh socket's send buffer
+            // is empty), then the socket closes.
+            let _ = stream.try_write(BUSY);
+            continue;
+        };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request| {
                 let response = route(&shared, &request);
                 async move { Ok::<_, Infallible>(response) }

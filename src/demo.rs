@@ -308,7 +308,7 @@ async fn exchange_and_observe(
             .registry
             .snapshot()
             .into_iter()
-            .filter_map(|c| c.peer)
+            .filter_map(|c| c.peer.clone())
             .next_back()
     };
     let client =

@@ -168,6 +168,11 @@ pub struct Metrics {
     identity_updates: Family<ResultLabels, Counter>,
     revoked: Family<TunnelLabels, Counter>,
     upgrades: Family<ResultLabels, Counter>,
+    /// Admin connections refused for being over the admin endpoint's limit.
+    pub admin_refused: Counter,
+    /// The process's cache of verified chains, read when encoding.
+    verified_chains: Gauge,
+    verified_chain_bytes: Gauge,
     /// Serialises encoding with expiry-gauge replacement.
     expiry_lock: Mutex<()>,
 }
@@ -196,6 +201,9 @@ impl Metrics {
         let identity_updates = Family::<ResultLabels, Counter>::default();
         let revoked = Family::<TunnelLabels, Counter>::default();
         let upgrades = Family::<ResultLabels, Counter>::default();
+        let verified_chains = Gauge::default();
+        let admin_refused = Counter::default();
+        let verified_chain_bytes = Gauge::default();
 
         // prometheus-client appends `_total` to counters itself.
         registry.register(
@@ -274,6 +282,21 @@ impl Metrics {
             "Live connections closed because a reload or bundle change no longer allows their peer",
             revoked.clone(),
         );
+        registry.register(
+            "spiffe_tunnel_admin_connections_refused",
+            "Admin endpoint connections refused because as many as it serves at once were open",
+            admin_refused.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_verified_chains",
+            "Peer chains remembered as verified (of admitted peers only), for the current identity snapshot",
+            verified_chains.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_verified_chains_bytes",
+            "What the remembered verified chains cost in memory, bounded at 4 MiB",
+            verified_chain_bytes.clone(),
+        );
         Self {
             registry,
             connections,
@@ -289,6 +312,9 @@ impl Metrics {
             identity_updates,
             revoked,
             upgrades,
+            admin_refused,
+            verified_chains,
+            verified_chain_bytes,
             expiry_lock: Mutex::new(()),
         }
     }
@@ -379,6 +405,11 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let _guard = self.expiry_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (chains, bytes) = crate::tls::verify::remembered_chains();
+        self.verified_chains
+            .set(i64::try_from(chains).unwrap_or(i64::MAX));
+        self.verified_chain_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

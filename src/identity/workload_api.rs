@@ -21,6 +21,11 @@
 //! that time cures (an SVID not yet valid because the server's clock runs
 //! ahead) is checked again when it would become valid, not only when the
 //! next message comes, which may be half an SVID lifetime later.
+//!
+//! A connection whose peer silently went away (a half-open TCP connection
+//! to an agent on another host, a frozen agent) would otherwise wait for
+//! the next message for ever while the SVID runs out; [`Keepalive`] makes
+//! it fail, so the supervisor reconnects.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +64,47 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// How long after a refused response's "valid from" it is checked again,
 /// so the check falls after that second has begun.
 const RETRY_MARGIN: Duration = Duration::from_millis(50);
+
+/// How a Workload API connection notices that its peer is gone.
+///
+/// HTTP/2 PINGs (both transports) go no more often than every 5 minutes
+/// by default: SPIRE's agent, like every grpc-go server, allows a client
+/// one PING per 5 minutes and answers more with GOAWAY `too_many_pings`.
+/// A PING is sent only after that long without any frame from the agent,
+/// and one unanswered for `http2_timeout` closes the connection. Over
+/// `tcp://`, TCP keepalive probes an idle connection sooner, and
+/// `TCP_USER_TIMEOUT` aborts one whose sent data (a PING among it) is not
+/// acknowledged, so a dead host is noticed within about a minute of the
+/// last sign of life when idle, and `http2_timeout` after a PING at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// An HTTP/2 PING after this long without a frame from the agent.
+    pub http2_interval: Duration,
+    /// A PING not answered within this closes the connection.
+    pub http2_timeout: Duration,
+    /// `tcp://` only: TCP keepalive probes after this long idle...
+    pub tcp_idle: Duration,
+    /// ...every this long...
+    pub tcp_interval: Duration,
+    /// ...and the connection is dead after this many unanswered.
+    pub tcp_probes: u32,
+    /// `tcp://` only: sent data unacknowledged for this long aborts the
+    /// connection (`TCP_USER_TIMEOUT`).
+    pub tcp_user_timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            http2_interval: Duration::from_secs(5 * 60),
+            http2_timeout: Duration::from_secs(20),
+            tcp_idle: Duration::from_secs(30),
+            tcp_interval: Duration::from_secs(10),
+            tcp_probes: 3,
+            tcp_user_timeout: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Why the Workload API could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -162,18 +208,39 @@ impl ApiAddress {
         Self::parse(&chosen)
     }
 
-    /// Opens a gRPC channel to the Workload API.
+    /// Opens a gRPC channel to the Workload API, with the default
+    /// [`Keepalive`].
     pub async fn connect(&self) -> Result<SpiffeWorkloadApiClient<Channel>, WorkloadApiError> {
+        self.connect_with(Keepalive::default()).await
+    }
+
+    /// Opens a gRPC channel to the Workload API that fails when the peer
+    /// stops answering, as `keepalive` says.
+    pub async fn connect_with(
+        &self,
+        keepalive: Keepalive,
+    ) -> Result<SpiffeWorkloadApiClient<Channel>, WorkloadApiError> {
         let failed = |reason: String| WorkloadApiError::Connect {
             address: self.to_string(),
             reason,
+        };
+        let endpoint = |uri: String| {
+            Endpoint::from_shared(uri).map(|e| {
+                e.http2_keep_alive_interval(keepalive.http2_interval)
+                    .keep_alive_timeout(keepalive.http2_timeout)
+                    // The stream is always open, so PINGs never go out
+                    // "while idle" (without a stream), which grpc-go
+                    // servers also refuse by default.
+                    .keep_alive_while_idle(false)
+            })
         };
         let channel = match self {
             ApiAddress::Unix(path) => {
                 let path = path.clone();
                 // The URI is required by tonic but unused: the connector
                 // below always dials the socket.
-                Endpoint::from_static("http://localhost")
+                endpoint("http://localhost".into())
+                    .map_err(|e| failed(e.to_string()))?
                     .connect_with_connector(tower::service_fn(move |_| {
                         let path = path.clone();
                         async move {
@@ -184,15 +251,33 @@ impl ApiAddress {
                     .await
             }
             ApiAddress::Tcp(addr) => {
-                Endpoint::from_shared(format!("http://{addr}"))
+                let addr = *addr;
+                endpoint(format!("http://{addr}"))
                     .map_err(|e| failed(e.to_string()))?
-                    .connect()
+                    .connect_with_connector(tower::service_fn(move |_| async move {
+                        let stream = tokio::net::TcpStream::connect(addr).await?;
+                        tcp_keepalive(&stream, &keepalive)?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }))
                     .await
             }
         }
         .map_err(|e| failed(source_chain(&e)))?;
         Ok(SpiffeWorkloadApiClient::new(channel))
     }
+}
+
+/// TCP keepalive and `TCP_USER_TIMEOUT` on a connection to the agent.
+fn tcp_keepalive(stream: &tokio::net::TcpStream, keepalive: &Keepalive) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(keepalive.tcp_idle)
+            .with_interval(keepalive.tcp_interval)
+            .with_retries(keepalive.tcp_probes),
+    )?;
+    socket.set_tcp_user_timeout(Some(keepalive.tcp_user_timeout))
 }
 
 /// A request with the header every Workload API server requires.
@@ -322,6 +407,7 @@ pub struct WorkloadApiSource {
     metrics: Arc<Metrics>,
     provider: Arc<CryptoProvider>,
     health: watch::Sender<ApiHealth>,
+    keepalive: Keepalive,
 }
 
 /// How one stream ended, deciding what the supervisor does next.
@@ -342,7 +428,15 @@ impl WorkloadApiSource {
             metrics,
             provider: crate::tls::config::provider(),
             health: watch::Sender::new(ApiHealth::default()),
+            keepalive: Keepalive::default(),
         }
+    }
+
+    /// Other keepalive intervals than the defaults. For tests, which
+    /// cannot wait 5 minutes for a PING; against SPIRE keep the default.
+    pub fn with_keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.keepalive = keepalive;
+        self
     }
 
     /// A receiver of the connection state.
@@ -402,7 +496,7 @@ impl WorkloadApiSource {
     /// One connection and stream, until it fails. Returns how it ended and
     /// whether any message arrived (which resets the backoff).
     async fn stream_once(&self) -> (StreamEnd, bool) {
-        let mut client = match self.address.connect().await {
+        let mut client = match self.address.connect_with(self.keepalive).await {
             Ok(client) => client,
             Err(e) => return (StreamEnd::Retry(e.to_string()), false),
         };

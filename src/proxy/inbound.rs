@@ -140,7 +140,6 @@ impl Inbound {
         t.metrics.count_handshake(resumed);
         let peer = match t.admit(
             session.peer_certificates(),
-            resumed,
             generation,
             registration,
             PeerRole::Client,

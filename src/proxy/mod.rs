@@ -14,6 +14,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod proxy_protocol;
 pub mod read_ahead;
+pub mod refusal_log;
 pub mod registry;
 pub mod send_queue;
 
@@ -67,6 +68,8 @@ pub struct Tunnel {
     pub registry: Arc<ConnectionRegistry>,
     /// The reason of the most recent refusal, for `/status` and the demo.
     last_refusal: ArcSwapOption<String>,
+    /// Keeps a flood of refusals from flooding the log.
+    refusal_log: refusal_log::RefusalLog,
     /// One info line per connection when set.
     pub access_log: bool,
 }
@@ -102,6 +105,7 @@ impl Tunnel {
             close_all: CancellationToken::new(),
             registry: Arc::clone(&ctx.registry),
             last_refusal: ArcSwapOption::empty(),
+            refusal_log: refusal_log::RefusalLog::new(name, kind.as_str()),
             access_log: false,
         }
     }
@@ -127,11 +131,14 @@ impl Tunnel {
     }
 
     /// Counts a refused connection and logs its reason, once, in the
-    /// connection's span.
+    /// connection's span; past a few lines a second per result, the line
+    /// is left to a summary (see [`refusal_log`]).
     pub fn refuse(&self, span: &ConnSpan<'_>, result: ConnResult, reason: &dyn std::fmt::Display) {
         self.metrics.count(result);
         let reason = reason.to_string();
-        span.in_scope(|| info!(result = ?result, reason = %reason, "connection refused"));
+        if self.refusal_log.allow(result, &reason) {
+            span.in_scope(|| info!(result = ?result, reason = %reason, "connection refused"));
+        }
         self.last_refusal.store(Some(Arc::new(reason)));
     }
 
@@ -181,22 +188,22 @@ impl Tunnel {
     /// the new policy or identity first and then scans the registry, while
     /// this records the peer first and then looks whether anything changed
     /// since it was checked; so either the scan sees this connection or this
-    /// sees the change.
+    /// sees the change. Only a peer admitted here has its chain remembered
+    /// as verified (see [`crate::tls::chain_cache`]).
     pub fn admit(
         &self,
         peer_chain: Option<&[CertificateDer<'static>]>,
-        resumed: bool,
         generation_before: u64,
         registration: &Registration,
         role: PeerRole,
     ) -> Result<VerifiedPeer, VerifyError> {
         let policy = self.policy.load_full();
-        let peer = authorize_session(peer_chain, resumed, &self.store, &policy, role)?;
+        let admission = authorize_session(peer_chain, &self.store, &policy, role)?;
         let chain = peer_chain.unwrap_or_default();
-        registration.set_peer(peer.clone(), chain);
+        registration.set_peer(admission.peer.clone(), chain);
         let current = self.policy.load_full();
         if !Arc::ptr_eq(&policy, &current) {
-            authorize(&current, &peer.id)?;
+            authorize(&current, &admission.peer.id)?;
         }
         if self.store.generation() != generation_before {
             let identity = self.store.load().ok_or(VerifyError::NoIdentity)?;
@@ -207,7 +214,8 @@ impl Tunnel {
                 role,
             )?;
         }
-        Ok(peer)
+        admission.remember(chain, &self.store);
+        Ok(admission.peer)
     }
 
     /// Copies between the two ends of an authorized connection until it

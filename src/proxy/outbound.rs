@@ -138,7 +138,6 @@ impl Outbound {
                     t.metrics.count_handshake(resumed);
                     match t.admit(
                         session.peer_certificates(),
-                        resumed,
                         generation,
                         registration,
                         PeerRole::Server,

@@ -7,6 +7,12 @@
 //! registers as soon as it is accepted, before its handshake, and leaves
 //! when its task ends (the guard's drop), so none can slip between a
 //! reload and the scan that follows it.
+//!
+//! Every new connection takes the lock three times (register, peer,
+//! leave), so nothing slow happens under it: an entry is shared
+//! ([`Arc`]), so a [`ConnectionRegistry::snapshot`] for `/status` copies
+//! one pointer per connection and renders after the lock is released, and
+//! what a connection records is built before the lock is taken.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,7 +42,7 @@ pub struct ConnectionInfo {
 
 #[derive(Debug)]
 struct Entry {
-    info: ConnectionInfo,
+    info: Arc<ConnectionInfo>,
     close: Closer,
 }
 
@@ -149,6 +155,7 @@ impl ConnectionRegistry {
             peer: None,
             peer_chain: None,
         };
+        let info = Arc::new(info);
         self.entries().insert(id, Entry { info, close });
         Registration {
             registry: Arc::clone(self),
@@ -156,9 +163,13 @@ impl ConnectionRegistry {
         }
     }
 
-    /// A snapshot of every live connection.
-    pub fn snapshot(&self) -> Vec<ConnectionInfo> {
-        let mut list: Vec<_> = self.entries().values().map(|e| e.info.clone()).collect();
+    /// A snapshot of every live connection, in the order they came. Under
+    /// the lock it copies pointers only.
+    pub fn snapshot(&self) -> Vec<Arc<ConnectionInfo>> {
+        let mut list: Vec<_> = {
+            let entries = self.entries();
+            entries.values().map(|e| Arc::clone(&e.info)).collect()
+        };
         list.sort_by_key(|c| c.id);
         list
     }
@@ -192,7 +203,7 @@ impl ConnectionRegistry {
             }
             if let Some(why) = reason(&entry.info) {
                 entry.close.close(CloseReason::Revoked);
-                closed.push((entry.info.clone(), why));
+                closed.push((ConnectionInfo::clone(&entry.info), why));
             }
         }
         closed
@@ -209,16 +220,22 @@ pub struct Registration {
 impl Registration {
     /// Records the authorized peer and the chain it presented.
     pub fn set_peer(&self, peer: VerifiedPeer, chain: &[CertificateDer<'static>]) {
+        // The copy of the chain is made before the lock is taken.
+        let chain: Arc<[CertificateDer<'static>]> = chain.into();
         if let Some(entry) = self.registry.entries().get_mut(&self.id) {
-            entry.info.peer = Some(peer);
-            entry.info.peer_chain = Some(chain.into());
+            // In place, unless a snapshot holds the entry right now.
+            let info = Arc::make_mut(&mut entry.info);
+            info.peer = Some(peer);
+            info.peer_chain = Some(chain);
         }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.entries().remove(&self.id);
+        // Freed (its chain, its strings) after the lock is released.
+        let entry = self.registry.entries().remove(&self.id);
+        drop(entry);
     }
 }
 

@@ -127,23 +127,48 @@ pub fn verify_svid_chain(
 /// result does not depend on the tunnel; its policy is applied apart).
 static VERIFIED_CHAINS: LazyLock<ChainCache> = LazyLock::new(ChainCache::default);
 
+/// How many verified chains the process remembers, and their bytes (for
+/// `/metrics`).
+pub fn remembered_chains() -> (usize, usize) {
+    VERIFIED_CHAINS.usage()
+}
+
 /// [`verify_svid_chain`] against `identity`'s bundles, reusing the result
 /// of an earlier verification of the same chain bytes under the same
 /// identity snapshot while every certificate in it is still within its
-/// validity (see [`super::chain_cache`]).
-fn verify_remembered(
+/// validity (see [`super::chain_cache`]). Only looks up: the window comes
+/// back when the chain was verified now, for [`Admission::remember`].
+fn verify_cached(
     identity: &Arc<Identity>,
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     role: PeerRole,
-) -> Result<VerifiedPeer, VerifyError> {
+) -> Result<(VerifiedPeer, Option<(i64, i64)>), VerifyError> {
     if let Some(peer) = VERIFIED_CHAINS.get(identity, leaf, intermediates, role, now) {
-        return Ok(peer);
+        return Ok((peer, None));
     }
     let (peer, window) = verify_parts(leaf, intermediates, &identity.bundles, now, role)?;
-    VERIFIED_CHAINS.insert(identity, leaf, intermediates, role, &peer, window);
-    Ok(peer)
+    Ok((peer, Some(window)))
+}
+
+/// Whether the process remembers this chain as verified under `identity`.
+#[cfg(test)]
+pub(crate) fn cached(
+    identity: &Arc<Identity>,
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    role: PeerRole,
+) -> bool {
+    VERIFIED_CHAINS
+        .get(
+            identity,
+            leaf,
+            intermediates,
+            role,
+            to_unix_time(SystemTime::now()),
+        )
+        .is_some()
 }
 
 fn verify_parts(
@@ -315,7 +340,9 @@ impl SpiffeVerifier {
             .store
             .load()
             .ok_or_else(|| VerifyError::NoIdentity.into_rustls())?;
-        let peer = verify_remembered(&identity, leaf, intermediates, now, self.role)
+        // Looked up, never remembered: the peer has not proved it holds
+        // the key yet, and may still be refused.
+        let (peer, _) = verify_cached(&identity, leaf, intermediates, now, self.role)
             .map_err(VerifyError::into_rustls)?;
         authorize(&self.policy.load(), &peer.id).map_err(VerifyError::into_rustls)
     }
@@ -412,41 +439,77 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
+/// A peer [`authorize_session`] let through, and what it takes to remember
+/// its chain once the tunnel has admitted the connection.
+#[derive(Debug)]
+pub struct Admission {
+    pub peer: VerifiedPeer,
+    role: PeerRole,
+    /// The snapshot that verified the chain just now and the window in
+    /// which that holds; none when the chain was found remembered.
+    verified: Option<(Arc<Identity>, (i64, i64))>,
+}
+
+impl Admission {
+    /// Remembers `chain` (the one given to [`authorize_session`]) as
+    /// verified, so the peer's next handshakes skip its signature checks.
+    /// Call it only once the connection is admitted: the handshake is
+    /// complete (the peer proved its key) and nothing refused it since.
+    /// Nothing is remembered when `store` moved on to another snapshot
+    /// meanwhile: the cache holds results for the current one only.
+    pub fn remember(&self, chain: &[CertificateDer<'_>], store: &IdentityStore) {
+        let (Some((identity, window)), Some((leaf, intermediates))) =
+            (&self.verified, chain.split_first())
+        else {
+            return;
+        };
+        if !store
+            .load()
+            .is_some_and(|current| Arc::ptr_eq(&current, identity))
+        {
+            return;
+        }
+        VERIFIED_CHAINS.insert(
+            identity,
+            leaf,
+            intermediates,
+            self.role,
+            &self.peer,
+            *window,
+        );
+    }
+}
+
 /// Authorizes an established session, full or resumed, before any byte is
 /// forwarded. rustls runs the certificate verifier only on full handshakes;
-/// a resumed session carries the peer chain from its original handshake, so
-/// here that chain is verified again against the bundles of *now* and the
-/// ID checked against the policy of *now*. For a full handshake the chain
-/// was just verified, and only the ID is re-read and re-authorized (which
-/// also covers a policy reload that landed mid-handshake).
+/// a resumed session carries the peer chain from its original handshake.
+/// Either way the chain is verified here against the bundles of *now*
+/// (found remembered if it was verified under them before, verified again
+/// otherwise, which covers a resumed session and a bundle change that
+/// landed mid-handshake) and the ID checked against the policy of *now*
+/// (which covers a policy reload that landed mid-handshake).
 pub fn authorize_session(
     peer_chain: Option<&[CertificateDer<'static>]>,
-    resumed: bool,
     store: &IdentityStore,
     policy: &Policy,
     role: PeerRole,
-) -> Result<VerifiedPeer, VerifyError> {
+) -> Result<Admission, VerifyError> {
     let chain = peer_chain
         .filter(|c| !c.is_empty())
         .ok_or(VerifyError::NoCertificate)?;
-    let peer = if resumed {
-        let identity = store.load().ok_or(VerifyError::NoIdentity)?;
-        let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
-        verify_remembered(
-            &identity,
-            leaf,
-            intermediates,
-            to_unix_time(SystemTime::now()),
-            role,
-        )?
-    } else {
-        let facts = x509svid::check_leaf(&chain[0]).map_err(VerifyError::Leaf)?;
-        VerifiedPeer {
-            id: facts.id,
-            serial: facts.serial,
-            not_after: facts.not_after,
-        }
-    };
+    let identity = store.load().ok_or(VerifyError::NoIdentity)?;
+    let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
+    let (peer, window) = verify_cached(
+        &identity,
+        leaf,
+        intermediates,
+        to_unix_time(SystemTime::now()),
+        role,
+    )?;
     authorize(policy, &peer.id)?;
-    Ok(peer)
+    Ok(Admission {
+        peer,
+        role,
+        verified: window.map(|window| (identity, window)),
+    })
 }

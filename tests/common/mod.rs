@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod api_under_test;
+pub mod blackhole;
 pub mod certs;
 pub mod fake_api;
 pub mod haproxy;
