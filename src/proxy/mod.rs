@@ -266,6 +266,7 @@ impl Tunnel {
             info!(
                 target: "spiffe_tunnel::access",
                 peer = %peer.id,
+                peer_serial = %peer.serial,
                 sent = moved.client_to_server,
                 received = moved.server_to_client,
                 duration_ms,
