@@ -211,6 +211,7 @@ impl Inbound {
             let (socket, _) = tls.get_ref();
             let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
             let local = socket.get_ref().local_addr().unwrap_or(unknown);
+            let client = socket.get_ref().peer_addr().unwrap_or(unknown);
             let conn = mux::server::Conn {
                 peer,
                 close: close.clone(),
