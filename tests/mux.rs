@@ -45,7 +45,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 /// daemon with its own files.
 struct Nodes {
     _dir: tempfile::TempDir,
-    ca: Ca,
+    _ca: Ca,
     server: FileNode,
     client: FileNode,
 }
@@ -59,7 +59,7 @@ impl Nodes {
         let client = FileNode::start(&dir.path().join("out"), &ca.leaf(WEB), "", outbounds).await;
         Self {
             _dir: dir,
-            ca,
+            _ca: ca,
             server,
             client,
         }
