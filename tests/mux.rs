@@ -416,9 +416,13 @@ async fn a_denied_id_gets_no_stream_and_a_reload_revokes_the_pooled_connection()
     let got = roundtrip(mux, b"must not arrive either").await;
     assert!(got.as_ref().map_or(true, Vec::is_empty), "got {got:?}");
     assert_eq!(target.accepts(), accepted);
-    let m = metrics(client.admin).await;
-    let opened = mux_series("spiffe_tunnel_mux_connections_opened_total", "mux", "outbound");
-    assert_eq!(sample(&m, &opened), 1.0, "no second connection may be made: {m}");
+    let m = metrics(server.admin).await;
+    let opened = mux_series("spiffe_tunnel_mux_connections_opened_total", "api", "inbound");
+    assert_eq!(sample(&m, &opened), 1.0, "a second connection was accepted: {m}");
+    client
+        .daemon
+        .wait_log("connection refused", 1, Duration::from_secs(10))
+        .await;
 }
 
 // ---------------------------------------------------------------------------

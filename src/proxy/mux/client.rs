@@ -132,7 +132,13 @@ impl MuxClient {
                     debug!(upstream = %conn.upstream, why, "stream not opened; trying another connection");
                 }
                 Open::Retry(why) => {
-                    let reason = format!("upstream {}: {why}", conn.upstream);
+                    // In TLS 1.3 a server refuses our certificate after our
+                    // side of the handshake is done: the connection then
+                    // fails at its first use.
+                    let reason = format!(
+                        "upstream {}: {why} (twice; when it repeats, check that the upstream's policy allows our SPIFFE ID)",
+                        conn.upstream
+                    );
                     return self.refuse(out, span, Refusal::new(ConnResult::upstream_error, reason));
                 }
                 Open::Refused(refusal) => return self.refuse(out, span, refusal),
@@ -198,7 +204,6 @@ impl MuxClient {
                 .await
                 .map_err(|e| Refusal::new(ConnResult::upstream_error, e.to_string()))?;
             let upstream = chosen.name().to_string();
-            span.set_upstream(chosen.addr());
             let local = tcp
                 .local_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
