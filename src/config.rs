@@ -2324,14 +2324,11 @@ policy = "out.policy"
         }
         for bad in ["\"nohost\"", "\":80\"", "\"a b:80\"", "\"host:port\""] {
             let text = outbound(&format!("{base}multiplex = true\nauthority = {bad}\n"));
-            assert_invalid(
-                &text,
-                "authority",
-                "outbound[0].authority",
-                "authority",
-            );
+            assert_invalid(&text, "authority", "outbound[0].authority", "authority");
         }
-        let text = outbound(&format!("{base}multiplex = true\npool_idle_timeout = \"0s\"\n"));
+        let text = outbound(&format!(
+            "{base}multiplex = true\npool_idle_timeout = \"0s\"\n"
+        ));
         assert_invalid(
             &text,
             "pool_idle_timeout",

@@ -167,7 +167,13 @@ async fn direct_and_multiplexed_outbounds_share_one_inbound_port() {
     let api = free_addr();
     let (direct, mux) = (free_addr(), free_addr());
     let nodes = Nodes::start(
-        &inbound("api", api, &target.addr.to_string(), &format!("\"{WEB}\""), "access_log = true"),
+        &inbound(
+            "api",
+            api,
+            &target.addr.to_string(),
+            &format!("\"{WEB}\""),
+            "access_log = true",
+        ),
         &(outbound("direct", direct, api, &format!("\"{API}\""), "")
             + &outbound("mux", mux, api, &format!("\"{API}\""), "multiplex = true")),
     )
@@ -193,14 +199,26 @@ async fn direct_and_multiplexed_outbounds_share_one_inbound_port() {
     assert_eq!(count("multiplexed=false"), 5, "{log}");
     // Five streams, one pooled connection: one handshake for all of them.
     let m = metrics(nodes.server.admin).await;
-    let opened = mux_series("spiffe_tunnel_mux_connections_opened_total", "api", "inbound");
+    let opened = mux_series(
+        "spiffe_tunnel_mux_connections_opened_total",
+        "api",
+        "inbound",
+    );
     assert_eq!(sample(&m, &opened), 1.0, "{m}");
     let m = metrics(nodes.client.admin).await;
-    let opened = mux_series("spiffe_tunnel_mux_connections_opened_total", "mux", "outbound");
+    let opened = mux_series(
+        "spiffe_tunnel_mux_connections_opened_total",
+        "mux",
+        "outbound",
+    );
     assert_eq!(sample(&m, &opened), 1.0, "{m}");
     let pooled = mux_series("spiffe_tunnel_mux_connections", "mux", "outbound");
     assert_eq!(sample(&m, &pooled), 1.0, "{m}");
-    let direct_opened = mux_series("spiffe_tunnel_mux_connections_opened_total", "direct", "outbound");
+    let direct_opened = mux_series(
+        "spiffe_tunnel_mux_connections_opened_total",
+        "direct",
+        "outbound",
+    );
     assert_eq!(sample(&m, &direct_opened), 0.0, "{m}");
 }
 
@@ -221,8 +239,20 @@ async fn thirty_two_mib_each_way_and_half_close_both_ways_over_streams() {
             + &inbound("count", api_count, &count.addr.to_string(), &allow_web, "")
             + &inbound("greet", api_greet, &greet.addr.to_string(), &allow_web, "")),
         &(outbound("echo", out_echo, api_echo, &allow_api, "multiplex = true")
-            + &outbound("count", out_count, api_count, &allow_api, "multiplex = true")
-            + &outbound("greet", out_greet, api_greet, &allow_api, "multiplex = true")),
+            + &outbound(
+                "count",
+                out_count,
+                api_count,
+                &allow_api,
+                "multiplex = true",
+            )
+            + &outbound(
+                "greet",
+                out_greet,
+                api_greet,
+                &allow_api,
+                "multiplex = true",
+            )),
     )
     .await;
 
@@ -275,7 +305,13 @@ async fn a_thousand_concurrent_streams_spread_over_several_pooled_connections() 
     let api = free_addr();
     let mux = free_addr();
     let nodes = Nodes::start(
-        &inbound("api", api, &target.addr.to_string(), &format!("\"{WEB}\""), "max_streams_per_connection = 1000"),
+        &inbound(
+            "api",
+            api,
+            &target.addr.to_string(),
+            &format!("\"{WEB}\""),
+            "max_streams_per_connection = 1000",
+        ),
         &outbound(
             "mux",
             mux,
@@ -319,8 +355,10 @@ async fn a_thousand_concurrent_streams_spread_over_several_pooled_connections() 
     let pooled = mux_series("spiffe_tunnel_mux_connections", "mux", "outbound");
     assert_eq!(sample(&m, &active), STREAMS as f64, "{m}");
     let connections = sample(&m, &pooled);
+    // At the bound a stream gets a new connection, and a burst does not
+    // make one per stream.
     assert!(
-        connections >= (STREAMS / BOUND) as f64,
+        connections >= (STREAMS / BOUND) as f64 && connections <= (2 * STREAMS / BOUND) as f64,
         "{connections} pooled connections for {STREAMS} streams at {BOUND} per connection\n{m}"
     );
     release.notify_waiters();
@@ -354,7 +392,13 @@ async fn a_denied_id_gets_no_stream_and_a_reload_revokes_the_pooled_connection()
         &policy_dir,
         &ca.leaf(API),
         "",
-        &inbound("api", api, &target.addr.to_string(), "", "policy = \"web.policy\""),
+        &inbound(
+            "api",
+            api,
+            &target.addr.to_string(),
+            "",
+            "policy = \"web.policy\"",
+        ),
     )
     .await;
     let allow_api = format!("\"{API}\"");
@@ -388,7 +432,8 @@ async fn a_denied_id_gets_no_stream_and_a_reload_revokes_the_pooled_connection()
         .await;
     assert_eq!(target.accepts(), 0);
     let m = metrics(server.admin).await;
-    let denied = "spiffe_tunnel_connections_total{tunnel=\"api\",kind=\"inbound\",result=\"denied\"}";
+    let denied =
+        "spiffe_tunnel_connections_total{tunnel=\"api\",kind=\"inbound\",result=\"denied\"}";
     assert!(sample(&m, denied) >= 1.0, "{m}");
 
     // web gets through, and keeps a stream open on the pooled connection.
@@ -399,7 +444,11 @@ async fn a_denied_id_gets_no_stream_and_a_reload_revokes_the_pooled_connection()
 
     // The policy stops allowing web: the pooled connection goes, with the
     // stream on it, on the inbound's side and so on the outbound's.
-    std::fs::write(policy_dir.join("web.policy"), "spiffe://example.org/someone-else\n").unwrap();
+    std::fs::write(
+        policy_dir.join("web.policy"),
+        "spiffe://example.org/someone-else\n",
+    )
+    .unwrap();
     server.daemon.signal("HUP");
     server
         .daemon
@@ -417,8 +466,16 @@ async fn a_denied_id_gets_no_stream_and_a_reload_revokes_the_pooled_connection()
     assert!(got.as_ref().map_or(true, Vec::is_empty), "got {got:?}");
     assert_eq!(target.accepts(), accepted);
     let m = metrics(server.admin).await;
-    let opened = mux_series("spiffe_tunnel_mux_connections_opened_total", "api", "inbound");
-    assert_eq!(sample(&m, &opened), 1.0, "a second connection was accepted: {m}");
+    let opened = mux_series(
+        "spiffe_tunnel_mux_connections_opened_total",
+        "api",
+        "inbound",
+    );
+    assert_eq!(
+        sample(&m, &opened),
+        1.0,
+        "a second connection was accepted: {m}"
+    );
     client
         .daemon
         .wait_log("connection refused", 1, Duration::from_secs(10))
@@ -436,7 +493,11 @@ fn rotations(log: &str, id: &str) -> Vec<(String, String)> {
         .lines()
         .filter(|l| l.contains("SVID in use") && l.contains(&needle))
     {
-        let stamp = line.split_whitespace().next().unwrap_or_default().to_string();
+        let stamp = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         if let Some(serial) = line
             .split("serial=")
             .nth(1)
@@ -472,7 +533,10 @@ async fn after_a_rotation_no_stream_opens_on_a_connection_of_an_older_svid() {
         &[],
     );
     let path = socket.clone();
-    wait_until("the agent socket", Duration::from_secs(20), move || path.exists()).await;
+    wait_until("the agent socket", Duration::from_secs(20), move || {
+        path.exists()
+    })
+    .await;
     let target = Target::start(TargetMode::Echo).await;
     let api = free_addr();
     let mux = free_addr();
@@ -552,7 +616,10 @@ async fn after_a_rotation_no_stream_opens_on_a_connection_of_an_older_svid() {
         serials_seen.insert(serial.to_string());
         checked += 1;
     }
-    assert!(checked >= count, "{checked} stream lines for {count} connections");
+    assert!(
+        checked >= count,
+        "{checked} stream lines for {count} connections"
+    );
     assert!(
         serials_seen.len() >= 3,
         "streams used only {serials_seen:?}: the pool did not follow the rotations"
@@ -648,8 +715,14 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(response.status(), http::StatusCode::MISDIRECTED_REQUEST, "{other}");
-        let why = response.headers()["spiffe-tunnel-refusal"].to_str().unwrap();
+        assert_eq!(
+            response.status(),
+            http::StatusCode::MISDIRECTED_REQUEST,
+            "{other}"
+        );
+        let why = response.headers()["spiffe-tunnel-refusal"]
+            .to_str()
+            .unwrap();
         assert!(why.contains("serves only its target"), "{why}");
     }
     // Not a CONNECT: 405.
@@ -666,12 +739,18 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
     assert_eq!(target.accepts(), 0, "a refused stream reached the target");
     let m = metrics(server.admin).await;
     assert_eq!(sample(&m, &refused_series("api", "authority")), 3.0, "{m}");
-    assert_eq!(sample(&m, &refused_series("api", "bad_request")), 1.0, "{m}");
+    assert_eq!(
+        sample(&m, &refused_series("api", "bad_request")),
+        1.0,
+        "{m}"
+    );
 
     // A stream that never sends END_STREAM (nor anything after its first
     // bytes) is cut at idle_timeout, and so is its target connection.
     let mut ready = client.clone().ready().await.unwrap();
-    let (response, mut send) = ready.send_request(connect_request(&authority), false).unwrap();
+    let (response, mut send) = ready
+        .send_request(connect_request(&authority), false)
+        .unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), http::StatusCode::OK);
     send.send_data(Bytes::from_static(b"hello"), false).unwrap();
@@ -695,9 +774,11 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
     })
     .await;
     assert!(cut.is_ok(), "a silent stream was not cut at idle_timeout");
-    wait_until("the target connection closed", Duration::from_secs(5), || {
-        target.open() == 0
-    })
+    wait_until(
+        "the target connection closed",
+        Duration::from_secs(5),
+        || target.open() == 0,
+    )
     .await;
     assert_eq!(target.accepts(), 1);
     drop(client);
@@ -706,7 +787,9 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
     // would hold them back): those past the limit are refused with
     // REFUSED_STREAM and never reach the target.
     let mut tls = tls_to(api, h2_config(&web)).await;
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
     tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
     let frames = read_frames(&mut tls, Duration::from_millis(500)).await;
     assert!(frames.iter().any(|(t, _, _)| *t == SETTINGS), "{frames:?}");
@@ -722,7 +805,11 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
     let frames = read_frames(&mut tls, Duration::from_secs(3)).await;
     let refused: Vec<u32> = frames
         .iter()
-        .filter(|(t, _, p)| *t == RST_STREAM && p.len() == 4 && u32::from_be_bytes([p[0], p[1], p[2], p[3]]) == REFUSED_STREAM)
+        .filter(|(t, _, p)| {
+            *t == RST_STREAM
+                && p.len() == 4
+                && u32::from_be_bytes([p[0], p[1], p[2], p[3]]) == REFUSED_STREAM
+        })
         .map(|(_, s, _)| *s)
         .collect();
     // Streams answered (200, and later their trailers when idle_timeout
@@ -733,7 +820,10 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
         .map(|(_, s, _)| *s)
         .collect::<std::collections::BTreeSet<u32>>()
         .len();
-    assert!(answered <= LIMIT, "{answered} streams answered over a limit of {LIMIT}: {frames:?}");
+    assert!(
+        answered <= LIMIT,
+        "{answered} streams answered over a limit of {LIMIT}: {frames:?}"
+    );
     assert!(
         refused.len() >= flood - LIMIT,
         "only {} of {} streams over the limit were refused: {frames:?}",

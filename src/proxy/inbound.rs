@@ -139,7 +139,8 @@ impl Inbound {
         // Identity changes after this point are re-checked in `admit`.
         let generation = t.store.generation();
         let started = Instant::now();
-        let handshake = tokio::time::timeout_at(deadline, self.accept_tls(ReadAhead::new(tcp))).await;
+        let handshake =
+            tokio::time::timeout_at(deadline, self.accept_tls(ReadAhead::new(tcp))).await;
         t.metrics
             .handshake_seconds
             .observe(started.elapsed().as_secs_f64());

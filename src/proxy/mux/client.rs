@@ -27,11 +27,11 @@ use super::stream::H2Stream;
 use super::{client_builder, PinnedSvid, ALPN_H2, REFUSAL_HEADER};
 use crate::config::MuxSettings;
 use crate::metrics::{ConnResult, StreamRefusal};
+use crate::proxy::classify_handshake_error;
 use crate::proxy::conn_span::ConnSpan;
 use crate::proxy::outbound::{server_name, Outbound};
 use crate::proxy::read_ahead::ReadAhead;
 use crate::proxy::registry::{CloseReason, Closer, Registration};
-use crate::proxy::classify_handshake_error;
 use crate::tls::verify::{authorize, PeerRole};
 
 /// Why a stream could not be had.
@@ -68,6 +68,8 @@ pub struct MuxClient {
     settings: MuxSettings,
     /// The config for the SVID we present now, made once per SVID.
     pinned: Mutex<Option<(Arc<CertifiedKey>, Arc<ClientConfig>)>>,
+    /// Held while a connection is dialled.
+    dialling: tokio::sync::Mutex<()>,
 }
 
 impl MuxClient {
@@ -77,6 +79,7 @@ impl MuxClient {
             base,
             settings,
             pinned: Mutex::new(None),
+            dialling: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -107,12 +110,22 @@ impl MuxClient {
         let mut attempts_left = 2;
         let (mut stream, slot) = loop {
             attempts_left -= 1;
-            let slot = match self.pool.claim(&svid, out.balancer.peek()) {
+            let addr = out.balancer.peek();
+            let slot = match self.pool.claim(&svid, addr) {
                 Some(slot) => slot,
-                None => match self.dial(out, &svid, span).await {
-                    Ok(slot) => slot,
-                    Err(refusal) => return self.refuse(out, span, refusal),
-                },
+                None => {
+                    // One dial at a time: a burst of streams that finds the
+                    // pool full waits for the connection the first of them
+                    // makes, instead of each making its own.
+                    let _dialling = self.dialling.lock().await;
+                    match self.pool.claim(&svid, addr) {
+                        Some(slot) => slot,
+                        None => match self.dial(out, &svid, span).await {
+                            Ok(slot) => slot,
+                            Err(refusal) => return self.refuse(out, span, refusal),
+                        },
+                    }
+                }
             };
             let conn = Arc::clone(&slot.conn);
             span.set_upstream(conn.addr);
@@ -139,7 +152,11 @@ impl MuxClient {
                         "upstream {}: {why} (twice; when it repeats, check that the upstream's policy allows our SPIFFE ID)",
                         conn.upstream
                     );
-                    return self.refuse(out, span, Refusal::new(ConnResult::upstream_error, reason));
+                    return self.refuse(
+                        out,
+                        span,
+                        Refusal::new(ConnResult::upstream_error, reason),
+                    );
                 }
                 Open::Refused(refusal) => return self.refuse(out, span, refusal),
             }
@@ -232,7 +249,10 @@ impl MuxClient {
                         }
                     }
                     let (result, reason) = classify_handshake_error(&e, span);
-                    return Err(Refusal::new(result, format!("upstream {upstream}: {reason}")));
+                    return Err(Refusal::new(
+                        result,
+                        format!("upstream {upstream}: {reason}"),
+                    ));
                 }
                 Err(_) => {
                     return Err(Refusal::new(
@@ -276,22 +296,29 @@ impl MuxClient {
             break (tls, chosen, registration, closer, peer);
         };
         let upstream = chosen.name().to_string();
-        let chain: Arc<[_]> = tls.get_ref().1.peer_certificates().unwrap_or_default().into();
-        let (sender, connection) =
-            tokio::time::timeout(t.settings.handshake_timeout, client_builder().handshake(tls))
-                .await
-                .map_err(|_| {
-                    Refusal::new(
-                        ConnResult::handshake_error,
-                        format!("upstream {upstream}: HTTP/2 handshake timed out"),
-                    )
-                })?
-                .map_err(|e| {
-                    Refusal::new(
-                        ConnResult::upstream_error,
-                        format!("upstream {upstream}: HTTP/2 handshake failed: {e}"),
-                    )
-                })?;
+        let chain: Arc<[_]> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .into();
+        let (sender, connection) = tokio::time::timeout(
+            t.settings.handshake_timeout,
+            client_builder().handshake(tls),
+        )
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                ConnResult::handshake_error,
+                format!("upstream {upstream}: HTTP/2 handshake timed out"),
+            )
+        })?
+        .map_err(|e| {
+            Refusal::new(
+                ConnResult::upstream_error,
+                format!("upstream {upstream}: HTTP/2 handshake failed: {e}"),
+            )
+        })?;
         debug!(upstream = %upstream, "multiplexed connection established");
         let slot = self.pool.insert(
             chosen.addr(),

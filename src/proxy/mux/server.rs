@@ -317,7 +317,13 @@ fn refusal(status: StatusCode, why: &str) -> Response<()> {
 fn printable(text: &str) -> String {
     text.chars()
         .take(300)
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 
