@@ -763,13 +763,8 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
     assert_eq!(&echoed[..], b"hello");
     let _ = body.flow_control().release_capacity(echoed.len());
     let cut = tokio::time::timeout(Duration::from_secs(8), async {
-        loop {
-            match body.data().await {
-                Some(Ok(d)) => {
-                    let _ = body.flow_control().release_capacity(d.len());
-                }
-                Some(Err(_)) | None => break,
-            }
+        while let Some(Ok(d)) = body.data().await {
+            let _ = body.flow_control().release_capacity(d.len());
         }
     })
     .await;
