@@ -481,7 +481,8 @@ def cmd_report(args):
                            "ratio_per_run": rot_per_run,
                            "rotations_seen_per_run": rotations}
 
-    header = ["figure", "direct"] + PEERS + [OURS, "ratio", "target", "result", "ratio per run"]
+    header = ["figure", "direct"] + PEERS + [OURS, MUX, "ratio", "target", "result",
+                                             "ratio per run"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
 
     def line(cells):
