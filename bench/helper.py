@@ -305,6 +305,15 @@ def cmd_record(args):
 
 PEERS = ["haproxy", "nginx", "stunnel", "ghostunnel"]
 OURS = "spiffe-tunnel"
+MUX = "spiffe-tunnel-mux"
+# Issue 17's targets for the multiplexed chain: (figure, against, ratio).
+# against: "peer" = the best peer, "direct" = spiffe-tunnel direct.
+MUX_TARGETS = {
+    "conn_rate": [("peer", 5.0), ("direct", 2.0)],
+    "ka_p99_ms": [("direct", 1.0)],
+    "tput1": [("direct", 0.8)],
+    "mem_kib": [("peer", 0.3)],
+}
 # figure key, label, higher is better, target ratio (None: reported only)
 FIGURES = [
     ("tput1", "iperf3 1 stream (Gbit/s)", True, 1.3),
@@ -380,8 +389,9 @@ def cmd_report(args):
     def values(chain, figure):
         return [s["value"] for s in samples if s["chain"] == chain and s["figure"] == figure]
 
-    chains = ["direct"] + PEERS + [OURS]
+    chains = ["direct"] + PEERS + [OURS, MUX]
     rows = []
+    mux_rows = []
     summary = {}
     for key, label, higher, target in FIGURES:
         med = {c: median(values(c, key)) for c in chains}
@@ -413,6 +423,43 @@ def cmd_report(args):
         summary[key] = {"label": label, "higher_is_better": higher, "medians": med,
                         "best_peer": best, "ratio": ratio, "target": target, "result": verdict,
                         "ratio_per_run": per_run}
+        # The multiplexed chain against the best peer and against direct,
+        # per run as well (the chains of a run are measured back to back).
+        mux = med[MUX]
+        if mux is not None:
+            cells = [label, fmt(mux, key)]
+            mux_summary = {}
+            for against in ("peer", "direct"):
+                base = best if against == "peer" else med[OURS]
+                r = mux / base if base else None
+                runs = []
+                for run in sorted({s["run"] for s in samples}):
+                    def first(c):
+                        v = [s["value"] for s in samples if s["chain"] == c and s["figure"] == key
+                             and s["run"] == run and s["value"] is not None]
+                        return v[0] if v else None
+                    m = first(MUX)
+                    if against == "peer":
+                        ps = [v for v in (first(p) for p in PEERS) if v is not None]
+                        b = (max(ps) if higher else min(ps)) if ps else None
+                    else:
+                        b = first(OURS)
+                    if m is not None and b:
+                        runs.append(m / b)
+                goal = dict(MUX_TARGETS.get(key, [])).get(against)
+                if goal is None or r is None:
+                    verdict = "-" if goal is None else "n/a"
+                    goal_text = "-"
+                else:
+                    ok = r >= goal if higher else r <= goal
+                    verdict = "PASS" if ok else "MISS"
+                    goal_text = f">= {goal}x" if higher else f"<= {goal}x"
+                cells += ["-" if r is None else f"{r:.2f}x", goal_text, verdict,
+                          " ".join(f"{x:.2f}" for x in runs) or "-"]
+                mux_summary[against] = {"ratio": r, "target": goal, "result": verdict,
+                                        "ratio_per_run": runs}
+            mux_rows.append(cells)
+            summary[key]["multiplexed"] = {"median": mux, **mux_summary}
 
     # SVID rotation: spiffe-tunnel against itself.
     still = median(values("spiffe-tunnel/no-rotation", "tput1"))
@@ -434,7 +481,8 @@ def cmd_report(args):
                            "ratio_per_run": rot_per_run,
                            "rotations_seen_per_run": rotations}
 
-    header = ["figure", "direct"] + PEERS + [OURS, "ratio", "target", "result", "ratio per run"]
+    header = ["figure", "direct"] + PEERS + [OURS, MUX, "ratio", "target", "result",
+                                             "ratio per run"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
 
     def line(cells):
@@ -458,6 +506,25 @@ def cmd_report(args):
     out.append(line(["-" * w for w in widths]))
     for r in rows:
         out.append(line(r))
+    if mux_rows:
+        mux_header = ["figure (multiplexed)", MUX, "/ best peer", "target", "result",
+                      "per run", "/ direct", "target", "result", "per run"]
+        mux_widths = [max(len(str(r[i])) for r in mux_rows + [mux_header])
+                      for i in range(len(mux_header))]
+
+        def mux_line(cells):
+            return "  ".join(str(c).ljust(mux_widths[0]) if i == 0 else str(c).rjust(mux_widths[i])
+                             for i, c in enumerate(cells))
+
+        out.append("")
+        out.append(mux_line(mux_header))
+        out.append(mux_line(["-" * w for w in mux_widths]))
+        for r in mux_rows:
+            out.append(mux_line(r))
+        conns = sum(values(MUX, "mux_connections"))
+        if conns:
+            out.append(f"spiffe-tunnel-mux: mTLS connections made during the new-connection runs: "
+                       f"{conns:,.0f}")
     out.append("")
     out.append("direct = client straight to the backend (no proxy), for reference; ratio = "
                "spiffe-tunnel / best peer (memory, latency: lower is better, so <= targets), "

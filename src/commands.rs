@@ -113,6 +113,15 @@ pub fn check_report(path: &Path) -> Result<String, String> {
         );
         let _ = writeln!(out, "  presents {}; accepts servers by {rules}", t.svid);
         let _ = writeln!(out, "  {}", settings_summary(&t.settings));
+        if let Some(mux) = &t.multiplex {
+            let _ = writeln!(
+                out,
+                "  multiplexed: up to {} streams per pooled connection, idle connections closed after {}, CONNECT authority {}",
+                mux.max_streams_per_connection,
+                humantime::format_duration(mux.pool_idle_timeout),
+                mux.authority.as_deref().unwrap_or("the upstream address dialled")
+            );
+        }
     }
     Ok(out)
 }

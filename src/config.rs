@@ -154,6 +154,36 @@ pub struct InboundConfig {
     /// One log line per connection at info level (peer, bytes, duration, result).
     pub access_log: bool,
     pub settings: TunnelSettings,
+    /// Streams one multiplexed (ALPN `h2`) client connection may carry at
+    /// once: the HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` we announce.
+    pub max_streams_per_connection: u32,
+}
+
+/// The pool of an outbound with `multiplex = true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MuxSettings {
+    /// Streams per pooled connection; at the bound a new one is dialled.
+    pub max_streams_per_connection: u32,
+    /// A pooled connection with no stream for this long is closed.
+    pub pool_idle_timeout: Duration,
+    /// The `:authority` of each CONNECT; `None`: the upstream address
+    /// dialled (which the inbound accepts, as it accepts its own target).
+    pub authority: Option<String>,
+}
+
+/// Streams per multiplexed connection unless a tunnel says otherwise.
+pub const DEFAULT_MAX_STREAMS: u32 = 100;
+/// The most streams per connection a tunnel may allow.
+pub const MAX_STREAMS_LIMIT: u32 = 10_000;
+
+impl Default for MuxSettings {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: DEFAULT_MAX_STREAMS,
+            pool_idle_timeout: Duration::from_secs(60),
+            authority: None,
+        }
+    }
 }
 
 /// How an outbound picks among its upstreams.
@@ -201,6 +231,8 @@ pub struct OutboundConfig {
     /// One log line per connection at info level (peer, bytes, duration, result).
     pub access_log: bool,
     pub settings: TunnelSettings,
+    /// `multiplex = true`: HTTP/2 CONNECT streams over pooled connections.
+    pub multiplex: Option<MuxSettings>,
 }
 
 /// Where our SVIDs and bundles come from.
@@ -345,6 +377,7 @@ tunnel_table!(RawInbound {
     target: Spanned<String>,
     proxy_protocol: Option<bool>,
     access_log: Option<bool>,
+    max_streams_per_connection: Option<Spanned<i64>>,
 });
 
 tunnel_table!(RawOutbound {
@@ -353,6 +386,10 @@ tunnel_table!(RawOutbound {
     resolve_interval: Option<Spanned<String>>,
     health_check_interval: Option<Spanned<String>>,
     access_log: Option<bool>,
+    multiplex: Option<Spanned<bool>>,
+    max_streams_per_connection: Option<Spanned<i64>>,
+    pool_idle_timeout: Option<Spanned<String>>,
+    authority: Option<Spanned<String>>,
 });
 
 // ---- validation ------------------------------------------------------------
@@ -483,6 +520,12 @@ impl Config {
                     key("").trim_end_matches('.'),
                     &at,
                 )?,
+                max_streams_per_connection: t
+                    .max_streams_per_connection
+                    .as_ref()
+                    .map(|v| stream_bound(v, &key("max_streams_per_connection"), &at))
+                    .transpose()?
+                    .unwrap_or(DEFAULT_MAX_STREAMS),
             });
         }
 
@@ -558,6 +601,7 @@ impl Config {
                     key("").trim_end_matches('.'),
                     &at,
                 )?,
+                multiplex: mux_settings(t, &key, &at)?,
             });
         }
 
@@ -798,6 +842,72 @@ fn duration(value: &Spanned<String>, key: &str, at: &Locator<'_>) -> Result<Dura
         ));
     }
     Ok(d)
+}
+
+/// A stream bound per connection: 1 to [`MAX_STREAMS_LIMIT`].
+fn stream_bound(value: &Spanned<i64>, key: &str, at: &Locator<'_>) -> Result<u32, ConfigError> {
+    u32::try_from(*value.get_ref())
+        .ok()
+        .filter(|n| (1..=MAX_STREAMS_LIMIT).contains(n))
+        .ok_or_else(|| {
+            at.error(
+                &value.span(),
+                key,
+                format!("must be between 1 and {MAX_STREAMS_LIMIT}"),
+            )
+        })
+}
+
+/// The pool of an outbound: `None` unless `multiplex = true`, and then
+/// its knobs; a knob without `multiplex = true` is an error, since it
+/// would silently do nothing.
+fn mux_settings(
+    t: &RawOutbound,
+    key: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<Option<MuxSettings>, ConfigError> {
+    let on = t.multiplex.as_ref().is_some_and(|m| *m.get_ref());
+    if !on {
+        let knobs = [
+            t.max_streams_per_connection.as_ref().map(Spanned::span),
+            t.pool_idle_timeout.as_ref().map(Spanned::span),
+            t.authority.as_ref().map(Spanned::span),
+        ];
+        let names = [
+            "max_streams_per_connection",
+            "pool_idle_timeout",
+            "authority",
+        ];
+        for (span, name) in knobs.iter().zip(names) {
+            if let Some(span) = span {
+                return Err(at.error(span, key(name), "only used with multiplex = true"));
+            }
+        }
+        return Ok(None);
+    }
+    let mut mux = MuxSettings::default();
+    if let Some(v) = &t.max_streams_per_connection {
+        mux.max_streams_per_connection = stream_bound(v, &key("max_streams_per_connection"), at)?;
+    }
+    if let Some(v) = &t.pool_idle_timeout {
+        mux.pool_idle_timeout = positive_duration(v, &key("pool_idle_timeout"), at)?;
+    }
+    if let Some(v) = &t.authority {
+        let text = v.get_ref();
+        let valid = text
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            && text.parse::<http::uri::Authority>().is_ok();
+        if !valid {
+            return Err(at.error(
+                &v.span(),
+                key("authority"),
+                format!("{text:?} is not a \"host:port\" authority"),
+            ));
+        }
+        mux.authority = Some(text.clone());
+    }
+    Ok(Some(mux))
 }
 
 /// A duration that must not be zero.
@@ -1190,6 +1300,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 proxy_protocol: true,
                 access_log: false,
                 settings: settings.clone(),
+                max_streams_per_connection: DEFAULT_MAX_STREAMS,
             }]
         );
         assert_eq!(
@@ -1206,6 +1317,7 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 balance: BalanceSettings::default(),
                 access_log: false,
                 settings,
+                multiplex: None,
             }]
         );
     }
@@ -2153,6 +2265,80 @@ policy = "out.policy"
             inbound("")
         ));
         assert_eq!(config.inbound[0].settings.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn multiplex_and_its_pool_knobs() {
+        let base = "upstreams = [\"x:1\"]\n";
+        assert_eq!(ok(&outbound(base)).outbound[0].multiplex, None);
+        assert_eq!(
+            ok(&outbound(&format!("{base}multiplex = false\n"))).outbound[0].multiplex,
+            None
+        );
+        assert_eq!(
+            ok(&outbound(&format!("{base}multiplex = true\n"))).outbound[0].multiplex,
+            Some(MuxSettings::default())
+        );
+        let text = format!(
+            "{base}multiplex = true\nmax_streams_per_connection = 250\npool_idle_timeout = \"5s\"\n\
+             authority = \"127.0.0.1:3000\"\n"
+        );
+        assert_eq!(
+            ok(&outbound(&text)).outbound[0].multiplex,
+            Some(MuxSettings {
+                max_streams_per_connection: 250,
+                pool_idle_timeout: secs(5),
+                authority: Some("127.0.0.1:3000".into()),
+            })
+        );
+        for (knob, value) in [
+            ("max_streams_per_connection", "5"),
+            ("pool_idle_timeout", "\"5s\""),
+            ("authority", "\"a:1\""),
+        ] {
+            let text = outbound(&format!("{base}{knob} = {value}\n"));
+            assert_invalid(
+                &text,
+                knob,
+                &format!("outbound[0].{knob}"),
+                "only used with multiplex = true",
+            );
+        }
+        for bad in ["0", "-1", "10001"] {
+            let text = outbound(&format!(
+                "{base}multiplex = true\nmax_streams_per_connection = {bad}\n"
+            ));
+            assert_invalid(
+                &text,
+                "max_streams_per_connection",
+                "outbound[0].max_streams_per_connection",
+                "between 1 and 10000",
+            );
+            let text = inbound(&format!("max_streams_per_connection = {bad}\n"));
+            assert_invalid(
+                &text,
+                "max_streams_per_connection",
+                "inbound[0].max_streams_per_connection",
+                "between 1 and 10000",
+            );
+        }
+        for bad in ["\"nohost\"", "\":80\"", "\"a b:80\"", "\"host:port\""] {
+            let text = outbound(&format!("{base}multiplex = true\nauthority = {bad}\n"));
+            assert_invalid(&text, "authority", "outbound[0].authority", "authority");
+        }
+        let text = outbound(&format!(
+            "{base}multiplex = true\npool_idle_timeout = \"0s\"\n"
+        ));
+        assert_invalid(
+            &text,
+            "pool_idle_timeout",
+            "outbound[0].pool_idle_timeout",
+            "longer than zero",
+        );
+        assert_eq!(
+            ok(&inbound("max_streams_per_connection = 7\n")).inbound[0].max_streams_per_connection,
+            7
+        );
     }
 
     #[test]

@@ -141,6 +141,43 @@ struct HandshakeLabels {
     mode: HandshakeMode,
 }
 
+/// Why a stream of a multiplexed connection was refused, for
+/// `spiffe_tunnel_mux_streams_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StreamRefusal {
+    /// The CONNECT named an authority the inbound does not serve.
+    authority,
+    /// The peer's SPIFFE ID is not allowed by the policy in force.
+    denied,
+    /// The tunnel is at `max_connections`.
+    over_limit,
+    /// The target could not be reached.
+    upstream_error,
+    /// Not a CONNECT, or a malformed one.
+    bad_request,
+    /// The connection was at its stream bound (REFUSED_STREAM).
+    stream_limit,
+}
+
+impl StreamRefusal {
+    pub const ALL: [StreamRefusal; 6] = [
+        StreamRefusal::authority,
+        StreamRefusal::denied,
+        StreamRefusal::over_limit,
+        StreamRefusal::upstream_error,
+        StreamRefusal::bad_request,
+        StreamRefusal::stream_limit,
+    ];
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    tunnel: String,
+    kind: TunnelKind,
+    reason: StreamRefusal,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
@@ -173,6 +210,11 @@ pub struct Metrics {
     /// The process's cache of verified chains, read when encoding.
     verified_chains: Gauge,
     verified_chain_bytes: Gauge,
+    mux_connections: Family<TunnelLabels, Gauge>,
+    mux_opened: Family<TunnelLabels, Counter>,
+    mux_streams: Family<TunnelLabels, Gauge>,
+    mux_streams_per_connection: Family<TunnelLabels, Histogram>,
+    mux_refused: Family<RefusalLabels, Counter>,
     /// Serialises encoding with expiry-gauge replacement.
     expiry_lock: Mutex<()>,
 }
@@ -204,6 +246,13 @@ impl Metrics {
         let verified_chains = Gauge::default();
         let admin_refused = Counter::default();
         let verified_chain_bytes = Gauge::default();
+        let mux_connections = Family::<TunnelLabels, Gauge>::default();
+        let mux_opened = Family::<TunnelLabels, Counter>::default();
+        let mux_streams = Family::<TunnelLabels, Gauge>::default();
+        let mux_streams_per_connection = Family::<TunnelLabels, Histogram>::new_with_constructor(
+            streams_histogram as fn() -> Histogram,
+        );
+        let mux_refused = Family::<RefusalLabels, Counter>::default();
 
         // prometheus-client appends `_total` to counters itself.
         registry.register(
@@ -297,7 +346,37 @@ impl Metrics {
             "What the remembered verified chains cost in memory, bounded at 4 MiB",
             verified_chain_bytes.clone(),
         );
+        registry.register(
+            "spiffe_tunnel_mux_connections",
+            "Multiplexed (HTTP/2) mTLS connections open: pooled ones of an outbound, accepted ones of an inbound",
+            mux_connections.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_mux_connections_opened",
+            "Multiplexed mTLS connections established",
+            mux_opened.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_mux_streams_active",
+            "Tunnelled connections carried as streams of multiplexed connections right now",
+            mux_streams.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_mux_streams_per_connection",
+            "Streams a multiplexed connection carried in its life, observed when it closes",
+            mux_streams_per_connection.clone(),
+        );
+        registry.register(
+            "spiffe_tunnel_mux_streams_refused",
+            "Streams of multiplexed connections refused, by reason",
+            mux_refused.clone(),
+        );
         Self {
+            mux_connections,
+            mux_opened,
+            mux_streams,
+            mux_streams_per_connection,
+            mux_refused,
             registry,
             connections,
             closed,
@@ -368,6 +447,21 @@ impl Metrics {
             revoked: self.revoked.get_or_create_owned(&labels),
             full_handshakes: handshakes(HandshakeMode::full),
             resumed_handshakes: handshakes(HandshakeMode::resumed),
+            mux: MuxMetrics {
+                connections: self.mux_connections.get_or_create_owned(&labels),
+                opened: self.mux_opened.get_or_create_owned(&labels),
+                streams: self.mux_streams.get_or_create_owned(&labels),
+                streams_per_connection: self
+                    .mux_streams_per_connection
+                    .get_or_create_owned(&labels),
+                refused: StreamRefusal::ALL.map(|reason| {
+                    self.mux_refused.get_or_create_owned(&RefusalLabels {
+                        tunnel: name.to_string(),
+                        kind,
+                        reason,
+                    })
+                }),
+            },
         }
     }
 
@@ -422,6 +516,31 @@ fn handshake_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 15))
 }
 
+fn streams_histogram() -> Histogram {
+    // 1 .. ~16k streams over a connection's life
+    Histogram::new(exponential_buckets(1.0, 4.0, 8))
+}
+
+/// The multiplexing series of one tunnel.
+#[derive(Debug, Clone)]
+pub struct MuxMetrics {
+    pub connections: Gauge,
+    pub opened: Counter,
+    pub streams: Gauge,
+    pub streams_per_connection: Histogram,
+    /// By [`StreamRefusal::ALL`] order.
+    refused: [Counter; StreamRefusal::ALL.len()],
+}
+
+impl MuxMetrics {
+    /// Counts a refused stream.
+    pub fn refuse(&self, reason: StreamRefusal) {
+        if let Some(counter) = self.refused.get(reason as usize) {
+            counter.inc();
+        }
+    }
+}
+
 /// The pre-resolved series of one tunnel.
 #[derive(Debug, Clone)]
 pub struct TunnelMetrics {
@@ -440,6 +559,7 @@ pub struct TunnelMetrics {
     pub revoked: Counter,
     full_handshakes: Counter,
     resumed_handshakes: Counter,
+    pub mux: MuxMetrics,
 }
 
 impl TunnelMetrics {
@@ -481,6 +601,9 @@ mod tests {
     fn every_end_is_counted_under_its_own_label() {
         for (i, end) in ConnEnd::ALL.iter().enumerate() {
             assert_eq!(*end as usize, i, "ConnEnd::ALL is out of order");
+        }
+        for (i, reason) in StreamRefusal::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "StreamRefusal::ALL is out of order");
         }
         let metrics = Metrics::new();
         let tunnel = metrics.tunnel("api", TunnelKind::inbound);

@@ -278,6 +278,15 @@ impl Balancer {
         Err(BalanceError::AllFailed(failures.join("; ")))
     }
 
+    /// The address [`connect`] would most likely dial now (the same
+    /// pick, without dialling), for a pool that reuses connections to it.
+    ///
+    /// [`connect`]: Balancer::connect
+    pub fn peek(&self) -> Option<SocketAddr> {
+        let list = self.endpoints.load();
+        self.pick(&list, None).map(|(endpoint, _)| endpoint.addr)
+    }
+
     /// For /status: every endpoint with its state.
     pub fn snapshot(&self) -> Vec<EndpointStatus> {
         let now = now_nanos();

@@ -10,6 +10,9 @@
 //! span and [`ConnSpan::in_scope`] makes one, with the same fields, around
 //! each line that is written (refusals, warnings): the output is the same
 //! either way.
+//!
+//! `multiplexed` says whether the tunnelled connection is a stream of a
+//! pooled HTTP/2 connection (`true`) or has a TLS connection of its own.
 
 use std::net::SocketAddr;
 
@@ -26,6 +29,7 @@ pub struct ConnSpan<'t> {
     client: SocketAddr,
     upstream: Option<SocketAddr>,
     peer_id: Option<String>,
+    multiplexed: Option<bool>,
 }
 
 impl<'t> ConnSpan<'t> {
@@ -45,6 +49,7 @@ impl<'t> ConnSpan<'t> {
             client,
             upstream: None,
             peer_id: None,
+            multiplexed: None,
         }
     }
 
@@ -56,6 +61,7 @@ impl<'t> ConnSpan<'t> {
             client = %client,
             upstream = field::Empty,
             peer_id = field::Empty,
+            multiplexed = field::Empty,
         )
     }
 
@@ -91,6 +97,15 @@ impl<'t> ConnSpan<'t> {
         }
     }
 
+    /// Whether this connection is a stream of a multiplexed connection.
+    pub fn set_multiplexed(&mut self, multiplexed: bool) {
+        if self.live.is_none() {
+            self.multiplexed = Some(multiplexed);
+        } else {
+            self.live.record("multiplexed", multiplexed);
+        }
+    }
+
     /// Runs `log` inside this connection's span: the live one when the
     /// connection runs in it (it is already entered), else one made now.
     pub fn in_scope<R>(&self, log: impl FnOnce() -> R) -> R {
@@ -103,6 +118,9 @@ impl<'t> ConnSpan<'t> {
         }
         if let Some(id) = &self.peer_id {
             span.record("peer_id", field::display(id));
+        }
+        if let Some(multiplexed) = self.multiplexed {
+            span.record("multiplexed", multiplexed);
         }
         span.in_scope(log)
     }
@@ -144,6 +162,7 @@ mod tests {
             let _entered = span.live().entered();
             span.set_upstream("127.0.0.1:8443".parse().unwrap());
             span.set_peer_id("spiffe://example.org/api");
+            span.set_multiplexed(true);
             span.in_scope(|| tracing::info!(result = "denied", "connection refused"));
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
@@ -155,7 +174,7 @@ mod tests {
         let lazy = line_with(false);
         assert_eq!(lazy, line_with(true));
         for field in [
-            "conn{tunnel=web kind=\"outbound\" client=127.0.0.1:4000 upstream=127.0.0.1:8443 peer_id=spiffe://example.org/api}",
+            "conn{tunnel=web kind=\"outbound\" client=127.0.0.1:4000 upstream=127.0.0.1:8443 peer_id=spiffe://example.org/api multiplexed=true}",
             "connection refused result=\"denied\"",
         ] {
             assert!(lazy.contains(field), "{field} missing in {lazy}");

@@ -3,6 +3,11 @@
 //! Accept TLS → verify the client's X509-SVID → authorize its SPIFFE ID →
 //! only then connect to the target → copy both ways. A refused peer never
 //! causes a connection to the target, so not one of its bytes reaches it.
+//!
+//! A client that offers ALPN `h2` gets a multiplexed connection instead,
+//! whose streams [`super::mux::server`] serves; the rules are the same for
+//! each stream. The TLS config is chosen from the ClientHello, so a client
+//! offering other protocols (or none) is served directly, as before.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use rustls::HandshakeKind;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{server::TlsStream, LazyConfigAcceptor};
 use tracing::{debug, Instrument};
 
 use super::closing;
@@ -20,7 +25,7 @@ use super::conn_span::ConnSpan;
 use super::proxy_protocol::{cipher_name, tls_version_name, ProxyHeader};
 use super::read_ahead::ReadAhead;
 use super::registry::{Closer, Registration};
-use super::{classify_handshake_error, Tunnel};
+use super::{classify_handshake_error, mux, Tunnel};
 use crate::config::{InboundConfig, Target};
 use crate::metrics::ConnResult;
 use crate::tls::verify::{PeerRole, VerifiedPeer};
@@ -29,16 +34,40 @@ use crate::tls::verify::{PeerRole, VerifiedPeer};
 pub struct Inbound {
     pub tunnel: Arc<Tunnel>,
     pub config: InboundConfig,
-    acceptor: TlsAcceptor,
+    /// For direct clients: no ALPN.
+    direct: Arc<rustls::ServerConfig>,
+    /// For clients offering `h2`: the same, choosing `h2`.
+    multiplexed: Arc<rustls::ServerConfig>,
 }
 
 impl Inbound {
     pub fn new(tunnel: Arc<Tunnel>, config: InboundConfig, tls: Arc<rustls::ServerConfig>) -> Self {
+        let mut multiplexed = rustls::ServerConfig::clone(&tls);
+        multiplexed.alpn_protocols = vec![mux::ALPN_H2.to_vec()];
         Self {
             tunnel,
             config,
-            acceptor: TlsAcceptor::from(tls),
+            direct: tls,
+            multiplexed: Arc::new(multiplexed),
         }
+    }
+
+    /// The TLS handshake, with the config the ClientHello asks for.
+    async fn accept_tls(
+        &self,
+        io: ReadAhead<TcpStream>,
+    ) -> std::io::Result<TlsStream<ReadAhead<TcpStream>>> {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let wants_h2 = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == mux::ALPN_H2));
+        let config = if wants_h2 {
+            &self.multiplexed
+        } else {
+            &self.direct
+        };
+        start.into_stream(Arc::clone(config)).await
     }
 
     /// Serves the listener until the tunnel stops accepting.
@@ -67,7 +96,7 @@ impl Inbound {
     }
 
     async fn connection(
-        &self,
+        self: &Arc<Self>,
         tcp: TcpStream,
         _permit: OwnedSemaphorePermit,
         registration: &Registration,
@@ -111,7 +140,7 @@ impl Inbound {
         let generation = t.store.generation();
         let started = Instant::now();
         let handshake =
-            tokio::time::timeout_at(deadline, self.acceptor.accept(ReadAhead::new(tcp))).await;
+            tokio::time::timeout_at(deadline, self.accept_tls(ReadAhead::new(tcp))).await;
         t.metrics
             .handshake_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -176,6 +205,23 @@ impl Inbound {
             .encode()
         });
 
+        let multiplexed = tls.get_ref().1.alpn_protocol() == Some(mux::ALPN_H2);
+        span.set_multiplexed(multiplexed);
+        if multiplexed {
+            let (socket, _) = tls.get_ref();
+            let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+            let local = socket.get_ref().local_addr().unwrap_or(unknown);
+            let client = socket.get_ref().peer_addr().unwrap_or(unknown);
+            let conn = mux::server::Conn {
+                peer,
+                close: close.clone(),
+                proxy_header: proxy_header.map(Arc::from),
+                client,
+                local,
+            };
+            return mux::server::serve(self, tls, conn, span).await;
+        }
+
         // Authorized: now, and only now, the target hears of this peer,
         // unless it was revoked since (a reload or bundle change that
         // landed after `admit`): then the target never hears of it.
@@ -184,44 +230,70 @@ impl Inbound {
             t.end_unforwarded(close, "before the target was dialled");
             return;
         }
+        match self.dial_target(close).await {
+            Ok(dialled) => {
+                self.forward_to(&mut tls, dialled, header, &peer, close, span)
+                    .await
+            }
+            Err(Some(failed)) => t.refuse(span, ConnResult::upstream_error, &failed),
+            Err(None) => {}
+        }
+    }
+
+    /// Dials the target. A connect may take up to `connect_timeout`; a
+    /// revocation in the meantime abandons it (counted here: `Err(None)`).
+    /// `Err(Some(reason))`: the target could not be reached.
+    pub(crate) async fn dial_target(&self, close: &Closer) -> Result<Dialled, Option<String>> {
+        let t = &self.tunnel;
         let timeout = t.settings.connect_timeout;
-        let target = self.config.target.to_string();
         let dial = async {
             match &self.config.target {
                 Target::Tcp(addr) => TcpStream::connect(addr.as_str()).await.map(Dialled::Tcp),
                 Target::Unix(path) => UnixStream::connect(path).await.map(Dialled::Unix),
             }
         };
-        // A connect may take up to `connect_timeout`; a revocation in the
-        // meantime abandons it.
         let dialled = tokio::select! {
             biased;
             () = close.token().cancelled() => {
                 t.end_unforwarded(close, "while the target was dialled");
-                return;
+                return Err(None);
             }
             dialled = tokio::time::timeout(timeout, dial) => dialled,
         };
         let failed = match dialled {
             Ok(Ok(Dialled::Tcp(target))) => {
                 let _ = target.set_nodelay(true);
-                return self
-                    .forward(&mut tls, target, header, &peer, close, span)
-                    .await;
+                return Ok(Dialled::Tcp(target));
             }
-            Ok(Ok(Dialled::Unix(target))) => {
-                return self
-                    .forward(&mut tls, target, header, &peer, close, span)
-                    .await;
-            }
+            Ok(Ok(dialled)) => return Ok(dialled),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connect timed out".to_string(),
         };
-        t.refuse(
-            span,
-            ConnResult::upstream_error,
-            &format_args!("target {target}: {failed}"),
-        );
+        Err(Some(format!("target {}: {failed}", self.config.target)))
+    }
+
+    /// [`Self::forward`] to whichever kind of target was dialled.
+    pub(crate) async fn forward_to<C>(
+        &self,
+        client: &mut C,
+        dialled: Dialled,
+        proxy_header: Option<&[u8]>,
+        peer: &VerifiedPeer,
+        close: &Closer,
+        span: &ConnSpan<'_>,
+    ) where
+        C: AsyncRead + AsyncWrite + Unpin + closing::Socket,
+    {
+        match dialled {
+            Dialled::Tcp(target) => {
+                self.forward(client, target, proxy_header, peer, close, span)
+                    .await
+            }
+            Dialled::Unix(target) => {
+                self.forward(client, target, proxy_header, peer, close, span)
+                    .await
+            }
+        }
     }
 
     /// Sends the PROXY v2 header (if any) ahead of the client's bytes,
@@ -262,7 +334,7 @@ impl Inbound {
 }
 
 /// A connected target.
-enum Dialled {
+pub(crate) enum Dialled {
     Tcp(TcpStream),
     Unix(UnixStream),
 }

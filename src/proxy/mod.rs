@@ -11,6 +11,7 @@ pub mod closing;
 pub mod conn_span;
 pub mod copy;
 pub mod inbound;
+pub mod mux;
 pub mod outbound;
 pub mod proxy_protocol;
 pub mod read_ahead;
@@ -119,6 +120,12 @@ impl Tunnel {
     /// The reason of the most recent refused connection, if any.
     pub fn last_refusal(&self) -> Option<Arc<String>> {
         self.last_refusal.load_full()
+    }
+
+    /// A place under the tunnel's connection limit for one more tunnelled
+    /// connection (a stream of a multiplexed connection), if there is one.
+    pub fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.limit).try_acquire_owned().ok()
     }
 
     /// Registers a new connection; the returned closer closes it.
@@ -267,6 +274,7 @@ impl Tunnel {
             info!(
                 target: "spiffe_tunnel::access",
                 peer = %peer.id,
+                peer_serial = %peer.serial,
                 sent = moved.client_to_server,
                 received = moved.server_to_client,
                 duration_ms,

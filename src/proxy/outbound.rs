@@ -3,6 +3,8 @@
 //! Accept a plain connection → dial an upstream → TLS with our SVID → verify
 //! the server's X509-SVID and authorize its SPIFFE ID → copy both ways. The
 //! local client's bytes are not read until the server is authorized.
+//! With `multiplex = true` the connection is a stream on a pooled
+//! connection instead ([`super::mux::client`]), under the same rules.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use tracing::{debug, warn, Instrument};
 use super::balance::Balancer;
 use super::conn_span::ConnSpan;
 use super::copy::CopyEnd;
+use super::mux::client::MuxClient;
 use super::read_ahead::ReadAhead;
 use super::registry::{Closer, Registration};
 use super::{classify_handshake_error, rustls_error, Tunnel};
@@ -35,6 +38,8 @@ pub struct Outbound {
     sessions: ClientResumption,
     /// Picks and health-checks the upstreams.
     pub balancer: Arc<Balancer>,
+    /// The pool of multiplexed connections, with `multiplex = true`.
+    pub mux: Option<MuxClient>,
 }
 
 impl Outbound {
@@ -44,6 +49,10 @@ impl Outbound {
         tls: Arc<rustls::ClientConfig>,
         balancer: Arc<Balancer>,
     ) -> Self {
+        let mux = config
+            .multiplex
+            .clone()
+            .map(|settings| MuxClient::new(Arc::clone(&tls), settings));
         let sessions = ClientResumption::new(
             tls,
             Arc::clone(&tunnel.store),
@@ -54,6 +63,7 @@ impl Outbound {
             config,
             sessions,
             balancer,
+            mux,
         }
     }
 
@@ -98,6 +108,10 @@ impl Outbound {
                 &"we hold no valid SVID to present",
             );
             return;
+        }
+        span.set_multiplexed(self.mux.is_some());
+        if let Some(mux) = &self.mux {
+            return mux.carry(self, client, registration, close, span).await;
         }
         // Identity changes after this point are re-checked in `admit`.
         let generation = t.store.generation();
@@ -237,7 +251,7 @@ where
 
 /// The TLS server name for an upstream. SPIFFE peers are authenticated by
 /// SPIFFE ID, so this only feeds SNI and the session cache key.
-fn server_name(upstream: &str) -> ServerName<'static> {
+pub(crate) fn server_name(upstream: &str) -> ServerName<'static> {
     let host = upstream
         .rsplit_once(':')
         .map_or(upstream, |(host, _)| host)

@@ -83,6 +83,17 @@ impl Closer {
         }
     }
 
+    /// The closer of one stream of a multiplexed connection: closed with
+    /// the connection, for the connection's reason (a revocation of the
+    /// connection is one of each of its streams), and on its own at drain.
+    pub fn child(&self) -> Self {
+        Self {
+            token: self.token.child_token(),
+            reason: Arc::clone(&self.reason),
+            opened: tokio::time::Instant::now(),
+        }
+    }
+
     /// When the connection was accepted.
     pub fn opened(&self) -> tokio::time::Instant {
         self.opened
