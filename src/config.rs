@@ -154,7 +154,7 @@ pub struct InboundConfig {
     /// One log line per connection at info level (peer, bytes, duration, result).
     pub access_log: bool,
     pub settings: TunnelSettings,
-    /// Streams one multiplexed (ALPN `h2`) client connection may carry at
+    /// Streams one multiplexed (ALPN `spiffe-tunnel-h2`) client connection may carry at
     /// once: the HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` we announce.
     pub max_streams_per_connection: u32,
 }

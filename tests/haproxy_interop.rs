@@ -619,15 +619,26 @@ async fn haproxy_presents_each_new_svid_and_takes_each_new_ca_keeping_its_pid() 
     // 3.0 also an SVID without a DNS name (the dev agent's have none).
     assert!(haproxy.is_running(), "HAProxy exited:\n{}", haproxy.log());
     assert_eq!(haproxy.master_pid(), pid);
+    // A reload may be under way as the traffic stops (its worker up, its
+    // log line not yet written, or the other way round): wait, with a
+    // deadline, until the workers seen and the reloads logged agree.
     let mut workers = workers.into_inner().unwrap();
-    let worker = haproxy.reported_pid();
-    if workers.last() != Some(&worker) {
-        workers.push(worker);
-    }
-    let log = watch.daemon.log();
-    let reloads = log
-        .matches("HAProxy reloaded through its master CLI")
-        .count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (log, reloads) = loop {
+        if let Some(worker) = haproxy.try_reported_pid() {
+            if workers.last() != Some(&worker) {
+                workers.push(worker);
+            }
+        }
+        let log = watch.daemon.log();
+        let reloads = log
+            .matches("HAProxy reloaded through its master CLI")
+            .count();
+        if workers.len() - 1 == reloads || Instant::now() > deadline {
+            break (log, reloads);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(workers.len() - 1, reloads, "workers {workers:?}; {log}");
     if affected {
         assert!(

@@ -4,7 +4,7 @@
 //! only then connect to the target → copy both ways. A refused peer never
 //! causes a connection to the target, so not one of its bytes reaches it.
 //!
-//! A client that offers ALPN `h2` gets a multiplexed connection instead,
+//! A client that offers ALPN `spiffe-tunnel-h2` gets a multiplexed connection instead,
 //! whose streams [`super::mux::server`] serves; the rules are the same for
 //! each stream. The TLS config is chosen from the ClientHello, so a client
 //! offering other protocols (or none) is served directly, as before.
@@ -43,7 +43,7 @@ pub struct Inbound {
 impl Inbound {
     pub fn new(tunnel: Arc<Tunnel>, config: InboundConfig, tls: Arc<rustls::ServerConfig>) -> Self {
         let mut multiplexed = rustls::ServerConfig::clone(&tls);
-        multiplexed.alpn_protocols = vec![mux::ALPN_H2.to_vec()];
+        multiplexed.alpn_protocols = vec![mux::ALPN_MUX.to_vec()];
         Self {
             tunnel,
             config,
@@ -58,11 +58,11 @@ impl Inbound {
         io: ReadAhead<TcpStream>,
     ) -> std::io::Result<TlsStream<ReadAhead<TcpStream>>> {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
-        let wants_h2 = start
+        let wants_mux = start
             .client_hello()
             .alpn()
-            .is_some_and(|mut offered| offered.any(|p| p == mux::ALPN_H2));
-        let config = if wants_h2 {
+            .is_some_and(|mut offered| offered.any(|p| p == mux::ALPN_MUX));
+        let config = if wants_mux {
             &self.multiplexed
         } else {
             &self.direct
@@ -205,7 +205,7 @@ impl Inbound {
             .encode()
         });
 
-        let multiplexed = tls.get_ref().1.alpn_protocol() == Some(mux::ALPN_H2);
+        let multiplexed = tls.get_ref().1.alpn_protocol() == Some(mux::ALPN_MUX);
         span.set_multiplexed(multiplexed);
         if multiplexed {
             let (socket, _) = tls.get_ref();

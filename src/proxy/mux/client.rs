@@ -4,7 +4,7 @@
 //!
 //! A pooled connection is made the way a direct one is (the balancer's
 //! pick, health and retry; the TLS handshake with SPIFFE verification;
-//! `Tunnel::admit` with its registry entry), plus ALPN `h2` and our SVID
+//! `Tunnel::admit` with its registry entry), plus ALPN `spiffe-tunnel-h2` and our SVID
 //! pinned ([`super::PinnedSvid`]) so the pool knows which SVID it carries.
 //! Each stream then authorizes the server's ID again against the policy in
 //! force, and nothing is read from the local client until the inbound has
@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::pool::{self, Pool, StreamSlot};
 use super::stream::H2Stream;
-use super::{client_builder, PinnedSvid, ALPN_H2, REFUSAL_HEADER};
+use super::{client_builder, PinnedSvid, ALPN_MUX, REFUSAL_HEADER};
 use crate::config::MuxSettings;
 use crate::metrics::{ConnResult, StreamRefusal};
 use crate::proxy::classify_handshake_error;
@@ -181,7 +181,7 @@ impl MuxClient {
         out.tunnel.refuse(span, refusal.result, &refusal.reason);
     }
 
-    /// The client config that presents `svid` and offers `h2`.
+    /// The client config that presents `svid` and offers `spiffe-tunnel-h2`.
     fn config_for(&self, svid: &Arc<CertifiedKey>) -> Arc<ClientConfig> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((key, config)) = &*pinned {
@@ -190,7 +190,7 @@ impl MuxClient {
             }
         }
         let mut config = ClientConfig::clone(&self.base);
-        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.alpn_protocols = vec![ALPN_MUX.to_vec()];
         config.client_auth_cert_resolver = Arc::new(PinnedSvid(Arc::clone(svid)));
         // Pooled connections are long-lived: a full handshake each is
         // cheap, and no ticket outlives the SVID it was made with.
@@ -283,7 +283,7 @@ impl MuxClient {
                     };
                     Refusal::new(result, format!("upstream {upstream}: {e}"))
                 })?;
-            if session.alpn_protocol() != Some(ALPN_H2) {
+            if session.alpn_protocol() != Some(ALPN_MUX) {
                 return Err(Refusal::new(
                     ConnResult::upstream_error,
                     format!(

@@ -6,7 +6,7 @@
 //! round trip of HEADERS. An outbound with `multiplex = true` keeps a
 //! [`pool::Pool`] of such connections per upstream and per SVID it
 //! presents; every inbound accepts them on its usual port, told apart from
-//! direct clients by ALPN (`h2`; a client offering nothing, or anything
+//! direct clients by ALPN (`spiffe-tunnel-h2`, HTTP/2 under a name of its own; a client offering nothing, or anything
 //! else, is served directly as before).
 //!
 //! Security holds per stream, not only per connection:
@@ -36,8 +36,12 @@ use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
 
-/// The ALPN protocol of a multiplexed connection.
-pub const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol of a multiplexed connection: HTTP/2, under a name of
+/// its own. An inbound serves both modes on one port, so plain `h2` cannot
+/// be the switch: curl, browsers and gRPC clients that reach an inbound
+/// directly offer `h2` for their own end-to-end HTTP/2, and must get the
+/// direct tunnel, not our CONNECT endpoint.
+pub const ALPN_MUX: &[u8] = b"spiffe-tunnel-h2";
 
 /// The HTTP/2 receive window of one stream. One stream must move bulk
 /// data at full speed: on loopback a window of this size keeps the sender

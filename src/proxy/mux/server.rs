@@ -1,5 +1,5 @@
 //! The inbound side of multiplexing: an authorized TLS connection that
-//! chose ALPN `h2` becomes an HTTP/2 server whose every CONNECT stream is
+//! chose ALPN `spiffe-tunnel-h2` becomes an HTTP/2 server whose every CONNECT stream is
 //! one tunnelled connection to the inbound's target.
 //!
 //! Each stream passes its own checks, in this order, before the target
