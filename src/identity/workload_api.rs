@@ -164,6 +164,12 @@ impl ApiAddress {
 
     /// Opens a gRPC channel to the Workload API.
     pub async fn connect(&self) -> Result<SpiffeWorkloadApiClient<Channel>, WorkloadApiError> {
+        Ok(SpiffeWorkloadApiClient::new(self.channel().await?))
+    }
+
+    /// Opens a gRPC channel to this address (the Workload API, or the
+    /// SPIRE agent's admin API).
+    pub async fn channel(&self) -> Result<Channel, WorkloadApiError> {
         let failed = |reason: String| WorkloadApiError::Connect {
             address: self.to_string(),
             reason,
@@ -191,7 +197,7 @@ impl ApiAddress {
             }
         }
         .map_err(|e| failed(source_chain(&e)))?;
-        Ok(SpiffeWorkloadApiClient::new(channel))
+        Ok(channel)
     }
 }
 
@@ -545,14 +551,14 @@ pub async fn wait_for_first_identity(
 
 /// Full jitter in the upper half: a wait between d/2 and d, so a fleet of
 /// nodes restarting together does not reconnect in lock-step.
-fn jittered(d: Duration) -> Duration {
+pub(crate) fn jittered(d: Duration) -> Duration {
     let half = d / 2;
     half + half.mul_f64(fastrand::f64())
 }
 
 /// An error with its sources, for log lines (tonic's top-level transport
 /// error alone just says "transport error").
-fn source_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(source) = next {

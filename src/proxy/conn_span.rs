@@ -1,5 +1,6 @@
 //! The tracing span of one connection: tunnel, kind, client address,
-//! upstream and peer SPIFFE ID, made only when something is logged.
+//! upstream and peer SPIFFE ID (and, for `present = "caller"`, the local
+//! caller's uid, pid and SPIFFE ID), made only when something is logged.
 //!
 //! A span entered for a connection's whole life costs a few per cent of
 //! new connections/s (its fields are formatted when it is made, and it is
@@ -26,6 +27,15 @@ pub struct ConnSpan<'t> {
     client: SocketAddr,
     upstream: Option<SocketAddr>,
     peer_id: Option<String>,
+    caller: Option<CallerFields>,
+}
+
+/// Who the local caller is (`present = "caller"`).
+#[derive(Debug, Clone, Default)]
+struct CallerFields {
+    uid: u32,
+    pid: Option<i32>,
+    id: Option<String>,
 }
 
 impl<'t> ConnSpan<'t> {
@@ -45,6 +55,7 @@ impl<'t> ConnSpan<'t> {
             client,
             upstream: None,
             peer_id: None,
+            caller: None,
         }
     }
 
@@ -56,7 +67,39 @@ impl<'t> ConnSpan<'t> {
             client = %client,
             upstream = field::Empty,
             peer_id = field::Empty,
+            caller_uid = field::Empty,
+            caller_pid = field::Empty,
+            caller_id = field::Empty,
         )
+    }
+
+    /// The local process this connection is from (`present = "caller"`).
+    pub fn set_caller(&mut self, uid: u32, pid: Option<i32>) {
+        let fields = self.caller.get_or_insert_with(CallerFields::default);
+        fields.uid = uid;
+        fields.pid = pid;
+        if !self.live.is_none() {
+            Self::record_caller(&self.live, fields);
+        }
+    }
+
+    /// The SPIFFE ID presented on the caller's behalf.
+    pub fn set_caller_id(&mut self, id: &SpiffeId) {
+        let fields = self.caller.get_or_insert_with(CallerFields::default);
+        fields.id = Some(id.to_string());
+        if !self.live.is_none() {
+            Self::record_caller(&self.live, fields);
+        }
+    }
+
+    fn record_caller(span: &Span, fields: &CallerFields) {
+        span.record("caller_uid", fields.uid);
+        if let Some(pid) = fields.pid {
+            span.record("caller_pid", pid);
+        }
+        if let Some(id) = &fields.id {
+            span.record("caller_id", field::display(id));
+        }
     }
 
     /// The span to run the whole connection in (none when made lazily).
@@ -104,6 +147,9 @@ impl<'t> ConnSpan<'t> {
         if let Some(id) = &self.peer_id {
             span.record("peer_id", field::display(id));
         }
+        if let Some(caller) = &self.caller {
+            Self::record_caller(&span, caller);
+        }
         span.in_scope(log)
     }
 }
@@ -144,6 +190,8 @@ mod tests {
             let _entered = span.live().entered();
             span.set_upstream("127.0.0.1:8443".parse().unwrap());
             span.set_peer_id("spiffe://example.org/api");
+            span.set_caller(1001, Some(4242));
+            span.set_caller_id(&crate::spiffe_id::parse("spiffe://example.org/billing").unwrap());
             span.in_scope(|| tracing::info!(result = "denied", "connection refused"));
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
@@ -155,7 +203,7 @@ mod tests {
         let lazy = line_with(false);
         assert_eq!(lazy, line_with(true));
         for field in [
-            "conn{tunnel=web kind=\"outbound\" client=127.0.0.1:4000 upstream=127.0.0.1:8443 peer_id=spiffe://example.org/api}",
+            "conn{tunnel=web kind=\"outbound\" client=127.0.0.1:4000 upstream=127.0.0.1:8443 peer_id=spiffe://example.org/api caller_uid=1001 caller_pid=4242 caller_id=spiffe://example.org/billing}",
             "connection refused result=\"denied\"",
         ] {
             assert!(lazy.contains(field), "{field} missing in {lazy}");
