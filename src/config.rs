@@ -750,17 +750,18 @@ fn parse_present(
     let Some(value) = &t.present else {
         return Ok(Present::Own);
     };
-    let present = match value.get_ref().as_str() {
-        "own" => Present::Own,
-        "caller" => Present::Caller,
-        other => {
-            return Err(at.error(
+    let present =
+        match value.get_ref().as_str() {
+            "own" => Present::Own,
+            "caller" => Present::Caller,
+            other => return Err(at.error(
                 &value.span(),
                 key("present"),
-                format!("{other:?} is not whose SVID to present; use \"own\" (default) or \"caller\""),
-            ))
-        }
-    };
+                format!(
+                    "{other:?} is not whose SVID to present; use \"own\" (default) or \"caller\""
+                ),
+            )),
+        };
     if present == Present::Caller {
         if let Some(s) = t.svid.as_ref().or(t.svid_hint.as_ref()) {
             return Err(at.error(
@@ -779,13 +780,13 @@ fn resolve_delegated(raw: &RawIdentity, at: &Locator<'_>) -> Result<DelegatedCon
         let value = s.get_ref();
         match crate::identity::workload_api::ApiAddress::parse(value) {
             Ok(crate::identity::workload_api::ApiAddress::Unix(_)) => {}
-            _ => {
-                return Err(at.error(
-                    &s.span(),
-                    "identity.admin_socket",
-                    format!("{value:?} is not a SPIRE agent admin socket; use unix:///path/to/admin.sock"),
-                ))
-            }
+            _ => return Err(at.error(
+                &s.span(),
+                "identity.admin_socket",
+                format!(
+                    "{value:?} is not a SPIRE agent admin socket; use unix:///path/to/admin.sock"
+                ),
+            )),
         }
         delegated.admin_socket = Some(value.clone());
     }
@@ -794,7 +795,11 @@ fn resolve_delegated(raw: &RawIdentity, at: &Locator<'_>) -> Result<DelegatedCon
             .ok()
             .filter(|&n| n > 0)
             .ok_or_else(|| {
-                at.error(&n.span(), "identity.max_callers", "must be a positive number")
+                at.error(
+                    &n.span(),
+                    "identity.max_callers",
+                    "must be a positive number",
+                )
             })?;
     }
     if let Some(v) = &raw.caller_idle_timeout {

@@ -26,11 +26,11 @@ use tracing::{error, info, warn};
 use crate::config::{
     Config, ConfigError, IdentityConfig, InboundConfig, ListenAddress, OutboundConfig,
 };
+use crate::identity::delegated::DelegatedIdentities;
 use crate::identity::workload_api::{
     wait_for_first_identity, ApiAddress, ApiHealth, WorkloadApiSource,
 };
 use crate::identity::{BundleSet, Identity, IdentityError, IdentityStore, SvidSelector};
-use crate::identity::delegated::DelegatedIdentities;
 use crate::listen::{Inherited, ListenError, Owner};
 use crate::metrics::{Metrics, TunnelKind};
 use crate::notify::Notifier;

@@ -508,7 +508,11 @@ pub struct DevAgent {
     streams: TaskTracker,
     open_streams: Arc<AtomicUsize>,
     /// The admin socket and its server, with `--admin-socket`.
-    admin: Option<(PathBuf, SocketFile, JoinHandle<Result<(), tonic::transport::Error>>)>,
+    admin: Option<(
+        PathBuf,
+        SocketFile,
+        JoinHandle<Result<(), tonic::transport::Error>>,
+    )>,
     /// Set once the socket file is gone, so `Drop` leaves it alone.
     stopped: bool,
 }

@@ -45,7 +45,7 @@ use tokio::task::AbortHandle;
 use tonic::Code;
 use tracing::{debug, info, warn};
 
-use super::workload_api::{jittered, source_chain, ApiAddress, WITHDRAWN_MAX_BACKOFF};
+use super::workload_api::{jittered, ApiAddress, WITHDRAWN_MAX_BACKOFF};
 use super::{BundleSet, Identity, IdentityStore, Svid};
 use crate::metrics::Metrics;
 use crate::proto::spire::api::agent::delegatedidentity::v1 as api;
@@ -187,7 +187,8 @@ impl Subscription {
     pub fn current(&self) -> Option<Arc<Svid>> {
         let identity = self.store.load()?;
         let svid = identity.default_svid()?;
-        svid.is_valid_at(SystemTime::now()).then(|| Arc::clone(svid))
+        svid.is_valid_at(SystemTime::now())
+            .then(|| Arc::clone(svid))
     }
 
     fn idle_for(&self, now: Instant) -> Option<Duration> {
@@ -292,7 +293,11 @@ impl DelegatedIdentities {
 
     /// The caller's SVIDs, once SPIRE has answered (waiting up to `wait`
     /// for a new caller's first answer).
-    pub async fn acquire(self: &Arc<Self>, caller: Caller, wait: Duration) -> Result<Lease, DelegatedError> {
+    pub async fn acquire(
+        self: &Arc<Self>,
+        caller: Caller,
+        wait: Duration,
+    ) -> Result<Lease, DelegatedError> {
         let key = caller.key();
         let lease = self.lease(key)?;
         let subscription = &lease.subscription;
@@ -354,7 +359,9 @@ impl DelegatedIdentities {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
         callers.insert(key, Arc::clone(&subscription));
-        self.metrics.delegated_subscriptions.set(callers.len() as i64);
+        self.metrics
+            .delegated_subscriptions
+            .set(callers.len() as i64);
         debug!(caller = %key, "delegated subscription opened");
         Ok(Lease { subscription })
     }
@@ -372,7 +379,9 @@ impl DelegatedIdentities {
             }
             !idle
         });
-        self.metrics.delegated_subscriptions.set(callers.len() as i64);
+        self.metrics
+            .delegated_subscriptions
+            .set(callers.len() as i64);
     }
 
     /// Closes idle subscriptions every so often, until the process ends.
@@ -429,7 +438,10 @@ impl DelegatedIdentities {
                 // delegate must not ask again for a pid that now belongs to
                 // another process.
                 if !process.still_running() {
-                    self.set_state(&subscription, State::Refused("the process has exited".into()));
+                    self.set_state(
+                        &subscription,
+                        State::Refused("the process has exited".into()),
+                    );
                     subscription.store.withdraw();
                     return;
                 }
@@ -438,7 +450,10 @@ impl DelegatedIdentities {
             let (result, refusal, retry_max) = match &ended {
                 StreamEnd::Status(status) if status.code() == Code::PermissionDenied => (
                     "denied",
-                    Some(format!("the admin API answered PermissionDenied: {}", status.message())),
+                    Some(format!(
+                        "the admin API answered PermissionDenied: {}",
+                        status.message()
+                    )),
                     WITHDRAWN_MAX_BACKOFF,
                 ),
                 StreamEnd::Status(status) => (
@@ -452,7 +467,9 @@ impl DelegatedIdentities {
                     }),
                     WITHDRAWN_MAX_BACKOFF,
                 ),
-                StreamEnd::Failed(_) | StreamEnd::Ended => ("error", None, super::workload_api::MAX_BACKOFF),
+                StreamEnd::Failed(_) | StreamEnd::Ended => {
+                    ("error", None, super::workload_api::MAX_BACKOFF)
+                }
                 StreamEnd::Healthy => {
                     backoff = FIRST_BACKOFF;
                     ("", None, super::workload_api::MAX_BACKOFF)
@@ -554,7 +571,10 @@ impl DelegatedIdentities {
                 self.metrics.delegated_fetch("error");
                 warn!(caller = %key, reason, "refused an SVID of the Delegated Identity API");
                 if subscription.current().is_none() {
-                    self.set_state(subscription, State::Refused(format!("its SVID is unusable: {reason}")));
+                    self.set_state(
+                        subscription,
+                        State::Refused(format!("its SVID is unusable: {reason}")),
+                    );
                 }
             }
         }
@@ -620,8 +640,11 @@ pub fn identity_from_delegated(
         if svid.cert_chain.is_empty() || entry.x509_svid_key.is_empty() {
             return Err(format!("SVID {index}: empty certificate chain or key"));
         }
-        let chain: Vec<CertificateDer<'static>> =
-            svid.cert_chain.into_iter().map(CertificateDer::from).collect();
+        let chain: Vec<CertificateDer<'static>> = svid
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(entry.x509_svid_key));
         let parsed = Svid::from_der(chain, key, provider)
             .map_err(|e| format!("SVID {index}: {e}"))?
@@ -685,7 +708,10 @@ mod tests {
             start_time: me.start_time + 1,
             ..me
         };
-        assert!(!other.still_running(), "another start time is another process");
+        assert!(
+            !other.still_running(),
+            "another start time is another process"
+        );
         assert_eq!(ProcessId::read(i32::MAX), None);
     }
 
@@ -700,9 +726,15 @@ mod tests {
         let by_uid = CallerKey::Uid(1000).request();
         assert_eq!(by_uid.pid, 0);
         assert_eq!(
-            (by_uid.selectors[0].r#type.as_str(), by_uid.selectors[0].value.as_str()),
+            (
+                by_uid.selectors[0].r#type.as_str(),
+                by_uid.selectors[0].value.as_str()
+            ),
             ("unix", "uid:1000")
         );
-        assert_eq!(CallerKey::Process { process, uid: 1000 }.to_string(), "pid 42 (uid 1000)");
+        assert_eq!(
+            CallerKey::Process { process, uid: 1000 }.to_string(),
+            "pid 42 (uid 1000)"
+        );
     }
 }

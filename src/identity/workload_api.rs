@@ -558,7 +558,7 @@ pub(crate) fn jittered(d: Duration) -> Duration {
 
 /// An error with its sources, for log lines (tonic's top-level transport
 /// error alone just says "transport error").
-pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
+fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(source) = next {

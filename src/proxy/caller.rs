@@ -146,9 +146,8 @@ fn holds(pid: i32, target: &str) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
     };
-    fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target)
-    })
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target))
 }
 
 #[cfg(test)]
@@ -189,7 +188,10 @@ mod tests {
     fn a_remote_peer_is_refused_without_a_lookup() {
         let finder = CallerFinder::new();
         let err = finder
-            .tcp("10.1.2.3:40000".parse().unwrap(), "10.1.2.4:8080".parse().unwrap())
+            .tcp(
+                "10.1.2.3:40000".parse().unwrap(),
+                "10.1.2.4:8080".parse().unwrap(),
+            )
             .unwrap_err();
         assert!(matches!(err, CallerError::Remote(_)), "{err}");
     }

@@ -320,7 +320,11 @@ impl Outbound {
         let caller = match found {
             Ok(caller) => caller,
             Err(e) => {
-                t.refuse(span, ConnResult::caller_refused, &format_args!("caller unknown: {e}"));
+                t.refuse(
+                    span,
+                    ConnResult::caller_refused,
+                    &format_args!("caller unknown: {e}"),
+                );
                 return None;
             }
         };
