@@ -589,6 +589,15 @@ impl Config {
                     .transpose()?,
             };
             let present = parse_present(t, &key, &at)?;
+            if let (Present::Caller, ListenAddress::Tcp(addr)) = (present, &listen) {
+                if !addr.ip().is_loopback() {
+                    return Err(at.error(
+                        &t.listen.span(),
+                        key("listen"),
+                        format!("present = \"caller\" serves local processes only: listen on loopback (127.0.0.1:{}), not {addr}", addr.port()),
+                    ));
+                }
+            }
             outbound.push(OutboundConfig {
                 name,
                 listen,
@@ -750,18 +759,19 @@ fn parse_present(
     let Some(value) = &t.present else {
         return Ok(Present::Own);
     };
-    let present =
-        match value.get_ref().as_str() {
-            "own" => Present::Own,
-            "caller" => Present::Caller,
-            other => return Err(at.error(
+    let present = match value.get_ref().as_str() {
+        "own" => Present::Own,
+        "caller" => Present::Caller,
+        other => {
+            return Err(at.error(
                 &value.span(),
                 key("present"),
                 format!(
                     "{other:?} is not whose SVID to present; use \"own\" (default) or \"caller\""
                 ),
-            )),
-        };
+            ))
+        }
+    };
     if present == Present::Caller {
         if let Some(s) = t.svid.as_ref().or(t.svid_hint.as_ref()) {
             return Err(at.error(
@@ -780,13 +790,15 @@ fn resolve_delegated(raw: &RawIdentity, at: &Locator<'_>) -> Result<DelegatedCon
         let value = s.get_ref();
         match crate::identity::workload_api::ApiAddress::parse(value) {
             Ok(crate::identity::workload_api::ApiAddress::Unix(_)) => {}
-            _ => return Err(at.error(
-                &s.span(),
-                "identity.admin_socket",
-                format!(
+            _ => {
+                return Err(at.error(
+                    &s.span(),
+                    "identity.admin_socket",
+                    format!(
                     "{value:?} is not a SPIRE agent admin socket; use unix:///path/to/admin.sock"
                 ),
-            )),
+                ))
+            }
         }
         delegated.admin_socket = Some(value.clone());
     }
@@ -1324,6 +1336,53 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 settings,
             }]
         );
+    }
+
+    #[test]
+    fn present_caller_and_the_admin_socket() {
+        let text = "[identity]\nsource = \"workload_api\"\nadmin_socket = \"unix:///run/spire/admin.sock\"\n\
+            max_callers = 10\ncaller_idle_timeout = \"5s\"\n\
+            [[outbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstreams = [\"h:1\"]\nallow = [\"spiffe://td/x\"]\n\
+            present = \"caller\"\n";
+        let config = ok(text);
+        assert_eq!(config.outbound[0].present, Present::Caller);
+        assert_eq!(
+            config.delegated,
+            DelegatedConfig {
+                admin_socket: Some("unix:///run/spire/admin.sock".into()),
+                max_callers: 10,
+                caller_idle_timeout: Duration::from_secs(5),
+            }
+        );
+        let own = text.replace("present = \"caller\"", "present = \"own\"");
+        assert_eq!(ok(&own).outbound[0].present, Present::Own);
+        for (bad, says) in [
+            (
+                text.replace("\"caller\"", "\"theirs\""),
+                "is not whose SVID",
+            ),
+            (
+                text.replace("127.0.0.1:1", "0.0.0.0:1"),
+                "listen on loopback",
+            ),
+            (
+                format!("{text}svid_hint = \"x\"\n"),
+                "choose among our own SVIDs",
+            ),
+            (
+                text.replace("unix:///run/spire/admin.sock", "tcp://127.0.0.1:1"),
+                "admin socket",
+            ),
+            (
+                text.replace("max_callers = 10", "max_callers = 0"),
+                "positive",
+            ),
+        ] {
+            let err = Config::parse(&bad, Path::new("/etc/t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -79,7 +79,11 @@ impl<'t> ConnSpan<'t> {
         fields.uid = uid;
         fields.pid = pid;
         if !self.live.is_none() {
-            Self::record_caller(&self.live, fields);
+            // Recording a field twice would show it twice.
+            self.live.record("caller_uid", uid);
+            if let Some(pid) = pid {
+                self.live.record("caller_pid", pid);
+            }
         }
     }
 
@@ -88,7 +92,7 @@ impl<'t> ConnSpan<'t> {
         let fields = self.caller.get_or_insert_with(CallerFields::default);
         fields.id = Some(id.to_string());
         if !self.live.is_none() {
-            Self::record_caller(&self.live, fields);
+            self.live.record("caller_id", field::display(id));
         }
     }
 
