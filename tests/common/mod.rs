@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 pub mod api_under_test;
+pub mod callers;
 pub mod certs;
 pub mod fake_api;
 pub mod haproxy;
