@@ -326,7 +326,7 @@ fn admin_probe_main(socket: PathBuf) {
             },
         }
     });
-    println!("ADMIN-REPORT {answer}");
+    println!("\nADMIN-REPORT {answer}");
 }
 
 /// The body of a caller process; does nothing when not run as one.
@@ -387,7 +387,7 @@ pub fn child_main() {
         "failed": failed.load(Ordering::Relaxed),
         "errors": *errors.lock().unwrap(),
     });
-    println!("CALLER-REPORT {report}");
+    println!("\nCALLER-REPORT {report}");
 }
 
 fn one_connection(addr: &str, uid: u32) -> Result<(), String> {
