@@ -510,6 +510,11 @@ impl DelegatedIdentities {
     async fn stream_once(&self, subscription: &Subscription) -> StreamEnd {
         let channel = match self.address.channel().await {
             Ok(channel) => channel,
+            Err(super::workload_api::WorkloadApiError::Connect { address, reason }) => {
+                return StreamEnd::Failed(format!(
+                    "cannot connect to SPIRE's admin API at {address}: {reason}"
+                ))
+            }
             Err(e) => return StreamEnd::Failed(e.to_string()),
         };
         let mut client = api::delegated_identity_client::DelegatedIdentityClient::new(channel);
