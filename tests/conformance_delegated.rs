@@ -106,7 +106,9 @@ async fn svids_of_another_workload_by_selectors_and_by_pid(kind: Kind) {
     .await;
     let mut client = admin(&server).await;
 
-    let answer = first(&mut client, by_uid(OTHER_UID)).await.expect("by selectors");
+    let answer = first(&mut client, by_uid(OTHER_UID))
+        .await
+        .expect("by selectors");
     assert_one_svid(&answer, WEB);
 
     // A process of that uid, by pid: the server attests it itself.
@@ -121,7 +123,9 @@ async fn svids_of_another_workload_by_selectors_and_by_pid(kind: Kind) {
     assert_one_svid(&answer.expect("by pid"), WEB);
 
     // Nobody registered: an answer with no SVID, not an error.
-    let answer = first(&mut client, by_uid(OTHER_UID + 7)).await.expect("answered");
+    let answer = first(&mut client, by_uid(OTHER_UID + 7))
+        .await
+        .expect("answered");
     assert!(answer.x509_svids.is_empty(), "{answer:?}");
 }
 

@@ -327,7 +327,10 @@ async fn callers_without_an_entry_and_non_delegates_are_refused() {
     let socket = d.admin_dir.path().join("admin.sock");
     let answer = common::callers::admin_probe(&socket, a.uid).await;
     eprintln!("a non-delegate on SPIRE's admin socket: {answer}");
-    assert!(answer.contains("Permission denied (os error 13)"), "{answer}");
+    assert!(
+        answer.contains("Permission denied (os error 13)"),
+        "{answer}"
+    );
     // ... and when the file mode lets it in, the API refuses it.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
