@@ -497,6 +497,13 @@ fn load_federated(config: &DevAgentConfig) -> Result<Vec<(String, Vec<u8>)>, Age
         .collect()
 }
 
+/// The admin socket's path, file and server task.
+type AdminSocket = (
+    PathBuf,
+    SocketFile,
+    JoinHandle<Result<(), tonic::transport::Error>>,
+);
+
 /// A running dev agent. Dropping it stops it too, without waiting.
 pub struct DevAgent {
     socket: PathBuf,
@@ -508,11 +515,7 @@ pub struct DevAgent {
     streams: TaskTracker,
     open_streams: Arc<AtomicUsize>,
     /// The admin socket and its server, with `--admin-socket`.
-    admin: Option<(
-        PathBuf,
-        SocketFile,
-        JoinHandle<Result<(), tonic::transport::Error>>,
-    )>,
+    admin: Option<AdminSocket>,
     /// Set once the socket file is gone, so `Drop` leaves it alone.
     stopped: bool,
 }

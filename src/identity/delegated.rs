@@ -555,7 +555,7 @@ impl DelegatedIdentities {
             .own
             .load()
             .map(|own| own.bundles.clone())
-            .unwrap_or_else(BundleSet::new);
+            .unwrap_or_default();
         match identity_from_delegated(response, bundles, &self.provider, SystemTime::now()) {
             Ok(identity) => {
                 self.metrics.delegated_fetch("ok");

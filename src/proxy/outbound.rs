@@ -61,8 +61,11 @@ struct CallerTls {
     base: Arc<rustls::ClientConfig>,
     /// Per caller, made at its first connection and dropped with its
     /// subscription.
-    sessions: Mutex<HashMap<CallerKey, (Weak<Subscription>, Arc<ClientResumption>)>>,
+    sessions: Mutex<HashMap<CallerKey, CallerSessions>>,
 }
+
+/// One caller's sessions, with the subscription they were made for.
+type CallerSessions = (Weak<Subscription>, Arc<ClientResumption>);
 
 impl CallerTls {
     /// The caller's client configs: its own SVID, its own tickets.
