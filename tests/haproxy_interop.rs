@@ -77,7 +77,13 @@ impl Watch {
     /// is `admin`, if given.
     /// With `admin`, HAProxy's master CLI is taken to be [`master_of`]
     /// it, as [`start_haproxy`] starts HAProxy.
-    async fn start(dir: &Path, name: &str, agent: &DevAgent, id: &str, admin: Option<&Path>) -> Self {
+    async fn start(
+        dir: &Path,
+        name: &str,
+        agent: &DevAgent,
+        id: &str,
+        admin: Option<&Path>,
+    ) -> Self {
         let master = admin.map(master_of);
         Self::start_with(dir, name, agent, id, admin, master.as_deref()).await
     }

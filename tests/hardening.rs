@@ -132,7 +132,7 @@ async fn the_chain_cache_keeps_only_admitted_peers_and_never_their_padding() {
         &inbound(
             "api",
             listen,
-            &target.addr.to_string(),
+            target.addr.to_string(),
             &format!("{WEB:?}"),
             "",
         ),
@@ -302,7 +302,7 @@ async fn a_flood_of_refusals_writes_a_few_lines_and_counts_every_one() {
         &inbound(
             "api",
             listen,
-            &target.addr.to_string(),
+            target.addr.to_string(),
             &format!("{WEB:?}"),
             "",
         ),
@@ -378,7 +378,7 @@ async fn admin_connections_are_capped_and_the_tunnel_still_serves() {
         &inbound(
             "api",
             listen,
-            &target.addr.to_string(),
+            target.addr.to_string(),
             &format!("{WEB:?}"),
             "",
         ),

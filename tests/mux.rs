@@ -170,7 +170,7 @@ async fn direct_and_multiplexed_outbounds_share_one_inbound_port() {
         &inbound(
             "api",
             api,
-            &target.addr.to_string(),
+            target.addr.to_string(),
             &format!("\"{WEB}\""),
             "access_log = true",
         ),
@@ -235,9 +235,9 @@ async fn thirty_two_mib_each_way_and_half_close_both_ways_over_streams() {
     let allow_web = format!("\"{WEB}\"");
     let allow_api = format!("\"{API}\"");
     let _nodes = Nodes::start(
-        &(inbound("echo", api_echo, &echo.addr.to_string(), &allow_web, "")
-            + &inbound("count", api_count, &count.addr.to_string(), &allow_web, "")
-            + &inbound("greet", api_greet, &greet.addr.to_string(), &allow_web, "")),
+        &(inbound("echo", api_echo, echo.addr.to_string(), &allow_web, "")
+            + &inbound("count", api_count, count.addr.to_string(), &allow_web, "")
+            + &inbound("greet", api_greet, greet.addr.to_string(), &allow_web, "")),
         &(outbound("echo", out_echo, api_echo, &allow_api, "multiplex = true")
             + &outbound(
                 "count",
@@ -308,7 +308,7 @@ async fn a_thousand_concurrent_streams_spread_over_several_pooled_connections() 
         &inbound(
             "api",
             api,
-            &target.addr.to_string(),
+            target.addr.to_string(),
             &format!("\"{WEB}\""),
             "max_streams_per_connection = 1000",
         ),
@@ -395,7 +395,7 @@ async fn a_denied_id_gets_no_stream_and_a_reload_revokes_the_pooled_connection()
         &inbound(
             "api",
             api,
-            &target.addr.to_string(),
+            target.addr.to_string(),
             "",
             "policy = \"web.policy\"",
         ),
@@ -697,7 +697,7 @@ async fn hostile_streams_are_refused_or_cut_and_never_reach_the_target() {
         &inbound(
             "api",
             api,
-            &target.addr().to_string(),
+            target.addr().to_string(),
             &format!("\"{WEB}\""),
             &format!("max_streams_per_connection = {LIMIT}\nidle_timeout = \"1s\"\nhandshake_timeout = \"2s\""),
         ),

@@ -271,7 +271,6 @@ impl MuxClient {
             let peer = t
                 .admit(
                     session.peer_certificates(),
-                    false,
                     generation,
                     &registration,
                     PeerRole::Server,
