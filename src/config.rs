@@ -1489,6 +1489,10 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 "choose among our own SVIDs",
             ),
             (
+                format!("{text}multiplex = true\n"),
+                "cannot be combined yet",
+            ),
+            (
                 text.replace("unix:///run/spire/admin.sock", "tcp://127.0.0.1:1"),
                 "admin socket",
             ),

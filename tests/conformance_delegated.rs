@@ -35,7 +35,7 @@ type Client = api::delegated_identity_client::DelegatedIdentityClient<tonic::tra
 
 async fn admin(server: &ApiUnderTest) -> Client {
     let channel = ApiAddress::Unix(server.admin_socket().to_path_buf())
-        .channel()
+        .channel(Default::default())
         .await
         .expect("connect to the admin socket");
     Client::new(channel)

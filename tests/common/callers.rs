@@ -308,7 +308,7 @@ fn admin_probe_main(socket: PathBuf) {
         .build()
         .unwrap();
     let answer = runtime.block_on(async {
-        let channel = match ApiAddress::Unix(socket).channel().await {
+        let channel = match ApiAddress::Unix(socket).channel(Default::default()).await {
             Ok(channel) => channel,
             Err(e) => return format!("cannot connect: {e}"),
         };
