@@ -481,6 +481,21 @@ def cmd_report(args):
                            "ratio_per_run": rot_per_run,
                            "rotations_seen_per_run": rotations}
 
+    # present = "caller" against present = "own": spiffe-tunnel against itself.
+    own = median(values("spiffe-tunnel/present-own", "conn_rate"))
+    caller = median(values("spiffe-tunnel/present-caller", "conn_rate"))
+    present_ratio = caller / own if own and caller is not None else None
+    present_per_run = []
+    for run in sorted({s["run"] for s in samples}):
+        a = median([s["value"] for s in samples if s["run"] == run and s["figure"] == "conn_rate"
+                    and s["chain"] == "spiffe-tunnel/present-own"])
+        b = median([s["value"] for s in samples if s["run"] == run and s["figure"] == "conn_rate"
+                    and s["chain"] == "spiffe-tunnel/present-caller"])
+        if a and b is not None:
+            present_per_run.append(b / a)
+    summary["present_caller"] = {"own_conn_rate": own, "caller_conn_rate": caller,
+                                 "ratio": present_ratio, "ratio_per_run": present_per_run}
+
     header = ["figure", "direct"] + PEERS + [OURS, MUX, "ratio", "target", "result",
                                              "ratio per run"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
@@ -537,6 +552,12 @@ def cmd_report(args):
         f"(--ttl 1h) = {'-' if rot_ratio is None else f'{rot_ratio:.3f}'}x, target >= 0.95x: "
         f"{rot_verdict}  (per run: {' '.join(f'{r:.2f}' for r in rot_per_run) or '-'}; "
         f"rotations seen per measurement: {rot_seen})")
+    out.append(
+        f"present = \"caller\" (each caller's SVID from the dev agent's Delegated Identity API) "
+        f"vs present = \"own\", new connections/s (wrk, Connection: close): "
+        f"{fmt(caller, 'conn_rate')} vs {fmt(own, 'conn_rate')} = "
+        f"{'-' if present_ratio is None else f'{present_ratio:.3f}'}x  "
+        f"(per run: {' '.join(f'{r:.2f}' for r in present_per_run) or '-'})")
     full = sum(values(OURS, "handshakes_full"))
     resumed = sum(values(OURS, "handshakes_resumed"))
     if full + resumed:

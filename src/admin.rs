@@ -235,6 +235,7 @@ pub fn status(shared: &Shared) -> Value {
             "bundles": bundles,
         },
         "workload_api": workload_api,
+        "delegated": shared.delegated.as_ref().map(|d| json!({ "subscriptions": d.status() })),
         "tunnels": tunnels,
         "last_reload": last_reload,
     })

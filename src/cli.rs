@@ -382,4 +382,17 @@ pub struct DevAgentArgs {
     /// missing. Without it the CA lives in memory only.
     #[arg(long, value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
+
+    /// Also serve SPIRE's Delegated Identity API (the agent admin API) on
+    /// this Unix socket, for `present = "caller"` outbounds. Like SPIRE, it
+    /// answers only callers holding an --authorized-delegate ID; they may
+    /// subscribe to the SVIDs of another process by pid (attested to its
+    /// uid) or by `unix:uid:N` selectors, matched against the uid:N= grants.
+    #[arg(long, value_name = "PATH", value_parser = crate::agent::parse_socket_path)]
+    pub admin_socket: Option<PathBuf>,
+
+    /// A SPIFFE ID whose holders may use --admin-socket (SPIRE's
+    /// `authorized_delegates`). Repeatable.
+    #[arg(long = "authorized-delegate", value_name = "SPIFFE_ID", value_parser = crate::spiffe_id::parse_workload_id)]
+    pub authorized_delegates: Vec<SpiffeId>,
 }

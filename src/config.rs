@@ -228,11 +228,49 @@ pub struct OutboundConfig {
     pub policy: PolicySpec,
     pub svid: SvidSelector,
     pub balance: BalanceSettings,
+    /// Whose SVID the dial presents: ours, or the connecting process's.
+    pub present: Present,
     /// One log line per connection at info level (peer, bytes, duration, result).
     pub access_log: bool,
     pub settings: TunnelSettings,
     /// `multiplex = true`: HTTP/2 CONNECT streams over pooled connections.
     pub multiplex: Option<MuxSettings>,
+}
+
+/// Whose SVID an outbound presents to its upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Present {
+    /// The tunnel's own SVID (`svid`/`svid_hint` choose which). The default.
+    #[default]
+    Own,
+    /// The SVID of the local process that opened the connection, from
+    /// SPIRE's Delegated Identity API (`[identity] admin_socket`).
+    Caller,
+}
+
+/// `[identity]` keys of the Delegated Identity API, used by outbounds with
+/// `present = "caller"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegatedConfig {
+    /// The SPIRE agent's admin socket (`unix:///path`); `None` means
+    /// `SPIRE_ADMIN_ENDPOINT_SOCKET`.
+    pub admin_socket: Option<String>,
+    /// Live per-caller subscriptions at most; a new caller past this is
+    /// refused.
+    pub max_callers: usize,
+    /// How long a caller's subscription is kept after its last connection
+    /// ended.
+    pub caller_idle_timeout: Duration,
+}
+
+impl Default for DelegatedConfig {
+    fn default() -> Self {
+        Self {
+            admin_socket: None,
+            max_callers: 256,
+            caller_idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Where our SVIDs and bundles come from.
@@ -264,6 +302,7 @@ pub struct LogConfig {
 pub struct Config {
     pub path: PathBuf,
     pub identity: IdentityConfig,
+    pub delegated: DelegatedConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub inbound: Vec<InboundConfig>,
@@ -301,6 +340,9 @@ struct RawIdentity {
     source: Spanned<RawSource>,
     socket: Option<Spanned<String>>,
     startup_timeout: Option<Spanned<String>>,
+    admin_socket: Option<Spanned<String>>,
+    max_callers: Option<Spanned<i64>>,
+    caller_idle_timeout: Option<Spanned<String>>,
     cert: Option<Spanned<String>>,
     key: Option<Spanned<String>>,
     bundles: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
@@ -385,6 +427,7 @@ tunnel_table!(RawOutbound {
     balance: Option<Spanned<String>>,
     resolve_interval: Option<Spanned<String>>,
     health_check_interval: Option<Spanned<String>>,
+    present: Option<Spanned<String>>,
     access_log: Option<bool>,
     multiplex: Option<Spanned<bool>>,
     max_streams_per_connection: Option<Spanned<i64>>,
@@ -457,6 +500,7 @@ impl Config {
         };
 
         let identity = resolve_identity(&raw.identity, &at, &resolve)?;
+        let delegated = resolve_delegated(&raw.identity, &at)?;
         let admin = AdminConfig {
             listen: raw
                 .admin
@@ -587,6 +631,16 @@ impl Config {
                     .map(|v| positive_duration(v, &key("health_check_interval"), &at))
                     .transpose()?,
             };
+            let present = parse_present(t, &key, &at)?;
+            if let (Present::Caller, ListenAddress::Tcp(addr)) = (present, &listen) {
+                if !addr.ip().is_loopback() {
+                    return Err(at.error(
+                        &t.listen.span(),
+                        key("listen"),
+                        format!("present = \"caller\" serves local processes only: listen on loopback (127.0.0.1:{}), not {addr}", addr.port()),
+                    ));
+                }
+            }
             outbound.push(OutboundConfig {
                 name,
                 listen,
@@ -594,6 +648,7 @@ impl Config {
                 policy,
                 svid: parse_svid(t.svid.as_ref(), t.svid_hint.as_ref(), &identity, &key, &at)?,
                 balance,
+                present,
                 access_log: t.access_log.unwrap_or(false),
                 settings: apply_settings(
                     &defaults,
@@ -624,6 +679,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             identity,
+            delegated,
             admin,
             log,
             inbound,
@@ -735,6 +791,84 @@ fn resolve_identity(
             })
         }
     }
+}
+
+/// `present` of an outbound. `svid`/`svid_hint` choose among our own
+/// SVIDs, so they make no sense with the caller's.
+fn parse_present(
+    t: &RawOutbound,
+    key: &dyn Fn(&str) -> String,
+    at: &Locator<'_>,
+) -> Result<Present, ConfigError> {
+    let Some(value) = &t.present else {
+        return Ok(Present::Own);
+    };
+    let present = match value.get_ref().as_str() {
+        "own" => Present::Own,
+        "caller" => Present::Caller,
+        other => {
+            return Err(at.error(
+                &value.span(),
+                key("present"),
+                format!(
+                    "{other:?} is not whose SVID to present; use \"own\" (default) or \"caller\""
+                ),
+            ))
+        }
+    };
+    if present == Present::Caller {
+        if let Some(m) = t.multiplex.as_ref().filter(|m| *m.get_ref()) {
+            return Err(at.error(
+                &m.span(),
+                key("multiplex"),
+                "present = \"caller\" and multiplex = true cannot be combined yet: a pooled connection carries one SVID, and each caller must present its own",
+            ));
+        }
+        if let Some(s) = t.svid.as_ref().or(t.svid_hint.as_ref()) {
+            return Err(at.error(
+                &s.span(),
+                key("svid"),
+                "svid and svid_hint choose among our own SVIDs; with present = \"caller\" the caller's SVID is presented",
+            ));
+        }
+    }
+    Ok(present)
+}
+
+fn resolve_delegated(raw: &RawIdentity, at: &Locator<'_>) -> Result<DelegatedConfig, ConfigError> {
+    let mut delegated = DelegatedConfig::default();
+    if let Some(s) = &raw.admin_socket {
+        let value = s.get_ref();
+        match crate::identity::workload_api::ApiAddress::parse(value) {
+            Ok(crate::identity::workload_api::ApiAddress::Unix(_)) => {}
+            _ => {
+                return Err(at.error(
+                    &s.span(),
+                    "identity.admin_socket",
+                    format!(
+                    "{value:?} is not a SPIRE agent admin socket; use unix:///path/to/admin.sock"
+                ),
+                ))
+            }
+        }
+        delegated.admin_socket = Some(value.clone());
+    }
+    if let Some(n) = &raw.max_callers {
+        delegated.max_callers = usize::try_from(*n.get_ref())
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                at.error(
+                    &n.span(),
+                    "identity.max_callers",
+                    "must be a positive number",
+                )
+            })?;
+    }
+    if let Some(v) = &raw.caller_idle_timeout {
+        delegated.caller_idle_timeout = positive_duration(v, "identity.caller_idle_timeout", at)?;
+    }
+    Ok(delegated)
 }
 
 fn apply_settings(
@@ -1315,11 +1449,63 @@ allow = ["spiffe://example.org/api"]    # server IDs accepted
                 },
                 svid: SvidSelector::default(),
                 balance: BalanceSettings::default(),
+                present: Present::Own,
                 access_log: false,
                 settings,
                 multiplex: None,
             }]
         );
+    }
+
+    #[test]
+    fn present_caller_and_the_admin_socket() {
+        let text = "[identity]\nsource = \"workload_api\"\nadmin_socket = \"unix:///run/spire/admin.sock\"\n\
+            max_callers = 10\ncaller_idle_timeout = \"5s\"\n\
+            [[outbound]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstreams = [\"h:1\"]\nallow = [\"spiffe://td/x\"]\n\
+            present = \"caller\"\n";
+        let config = ok(text);
+        assert_eq!(config.outbound[0].present, Present::Caller);
+        assert_eq!(
+            config.delegated,
+            DelegatedConfig {
+                admin_socket: Some("unix:///run/spire/admin.sock".into()),
+                max_callers: 10,
+                caller_idle_timeout: Duration::from_secs(5),
+            }
+        );
+        let own = text.replace("present = \"caller\"", "present = \"own\"");
+        assert_eq!(ok(&own).outbound[0].present, Present::Own);
+        for (bad, says) in [
+            (
+                text.replace("\"caller\"", "\"theirs\""),
+                "is not whose SVID",
+            ),
+            (
+                text.replace("127.0.0.1:1", "0.0.0.0:1"),
+                "listen on loopback",
+            ),
+            (
+                format!("{text}svid_hint = \"x\"\n"),
+                "choose among our own SVIDs",
+            ),
+            (
+                format!("{text}multiplex = true\n"),
+                "cannot be combined yet",
+            ),
+            (
+                text.replace("unix:///run/spire/admin.sock", "tcp://127.0.0.1:1"),
+                "admin socket",
+            ),
+            (
+                text.replace("max_callers = 10", "max_callers = 0"),
+                "positive",
+            ),
+        ] {
+            let err = Config::parse(&bad, Path::new("/etc/t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

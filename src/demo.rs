@@ -76,6 +76,8 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         federate: Vec::new(),
         federates_with: Vec::new(),
         ca_dir: None,
+        admin_socket: None,
+        authorized_delegates: Vec::new(),
     })
     .await?;
     step(

@@ -30,6 +30,10 @@ pub enum ConnResult {
     over_limit,
     /// Refused because we hold no valid SVID to present.
     no_identity,
+    /// `present = "caller"`: refused because the connecting process could
+    /// not be identified (remote, or no owner found) or holds no SVID of
+    /// its own (no entry, too many callers, admin API refused).
+    caller_refused,
 }
 
 /// How an authorized connection ended, for
@@ -215,6 +219,9 @@ pub struct Metrics {
     mux_streams: Family<TunnelLabels, Gauge>,
     mux_streams_per_connection: Family<TunnelLabels, Histogram>,
     mux_refused: Family<RefusalLabels, Counter>,
+    delegated_fetches: Family<ResultLabels, Counter>,
+    /// Live per-caller subscriptions of the Delegated Identity API.
+    pub delegated_subscriptions: Gauge,
     /// Serialises encoding with expiry-gauge replacement.
     expiry_lock: Mutex<()>,
 }
@@ -253,6 +260,8 @@ impl Metrics {
             streams_histogram as fn() -> Histogram,
         );
         let mux_refused = Family::<RefusalLabels, Counter>::default();
+        let delegated_fetches = Family::<ResultLabels, Counter>::default();
+        let delegated_subscriptions = Gauge::default();
 
         // prometheus-client appends `_total` to counters itself.
         registry.register(
@@ -327,6 +336,19 @@ impl Metrics {
             upgrades.get_or_create_owned(&ResultLabels { result });
         }
         registry.register(
+            "spiffe_tunnel_delegated_fetches",
+            "Answers of SPIRE's Delegated Identity API for callers of present = \"caller\" outbounds, by result (ok: SVIDs received; no_entry: an answer with no SVID; denied: PermissionDenied; error: any other failure; over_limit: a new caller refused at max_callers)",
+            delegated_fetches.clone(),
+        );
+        for result in DELEGATED_RESULTS {
+            delegated_fetches.get_or_create_owned(&ResultLabels { result });
+        }
+        registry.register(
+            "spiffe_tunnel_delegated_subscriptions",
+            "Live per-caller subscriptions to SPIRE's Delegated Identity API",
+            delegated_subscriptions.clone(),
+        );
+        registry.register(
             "spiffe_tunnel_connections_revoked",
             "Live connections closed because a reload or bundle change no longer allows their peer",
             revoked.clone(),
@@ -394,6 +416,8 @@ impl Metrics {
             admin_refused,
             verified_chains,
             verified_chain_bytes,
+            delegated_fetches,
+            delegated_subscriptions,
             expiry_lock: Mutex::new(()),
         }
     }
@@ -440,6 +464,7 @@ impl Metrics {
             upstream_error: result(ConnResult::upstream_error),
             over_limit: result(ConnResult::over_limit),
             no_identity: result(ConnResult::no_identity),
+            caller_refused: result(ConnResult::caller_refused),
             active: self.active.get_or_create_owned(&labels),
             client_to_server: bytes(Direction::client_to_server),
             server_to_client: bytes(Direction::server_to_client),
@@ -478,6 +503,14 @@ impl Metrics {
         self.upgrades.get_or_create(&ResultLabels { result }).inc();
     }
 
+    /// One answer (or failure) of the Delegated Identity API; `result` is
+    /// one of [`DELEGATED_RESULTS`].
+    pub fn delegated_fetch(&self, result: &'static str) {
+        self.delegated_fetches
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     pub fn identity_update(&self, ok: bool) {
         let result = if ok { "ok" } else { "rejected" };
         self.identity_updates
@@ -510,6 +543,9 @@ impl Metrics {
         out
     }
 }
+
+/// The results of `spiffe_tunnel_delegated_fetches_total`.
+pub const DELEGATED_RESULTS: [&str; 5] = ["ok", "no_entry", "denied", "error", "over_limit"];
 
 fn handshake_histogram() -> Histogram {
     // 0.5 ms .. ~8 s
@@ -552,6 +588,7 @@ pub struct TunnelMetrics {
     upstream_error: Counter,
     over_limit: Counter,
     no_identity: Counter,
+    caller_refused: Counter,
     pub active: Gauge,
     pub client_to_server: Counter,
     pub server_to_client: Counter,
@@ -571,6 +608,7 @@ impl TunnelMetrics {
             ConnResult::upstream_error => &self.upstream_error,
             ConnResult::over_limit => &self.over_limit,
             ConnResult::no_identity => &self.no_identity,
+            ConnResult::caller_refused => &self.caller_refused,
         }
         .inc();
     }

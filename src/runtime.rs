@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::config::{
     Config, ConfigError, IdentityConfig, InboundConfig, ListenAddress, OutboundConfig,
 };
+use crate::identity::delegated::DelegatedIdentities;
 use crate::identity::workload_api::{
     wait_for_first_identity, ApiAddress, ApiHealth, WorkloadApiSource,
 };
@@ -205,6 +206,8 @@ pub struct Shared {
     pub identity_source: String,
     /// The Workload API connection state, when that is the source.
     pub api_health: Option<watch::Receiver<ApiHealth>>,
+    /// The callers' subscriptions (`present = "caller"`), for `/status`.
+    pub delegated: Option<Arc<DelegatedIdentities>>,
     pub started: SystemTime,
 }
 
@@ -353,10 +356,15 @@ impl Daemon {
             launch::acquire_listeners(&tunnels, config.admin.listen, &mut inherited).await?;
         let (mut tasks, identity_source, api_health) =
             start_identity_source(&config, socket_override, &store, &metrics).await?;
+        let delegated = start_delegated(&config, &store, &metrics)?;
+        if let Some(delegated) = &delegated {
+            tasks.push(tokio::spawn(Arc::clone(delegated).run_sweeper()));
+        }
         let ctx = TunnelContext {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
             registry: Arc::clone(&registry),
+            delegated: delegated.clone(),
         };
         // Every tunnel built before any starts.
         let mut prepared = Vec::new();
@@ -375,6 +383,7 @@ impl Daemon {
             last_reload: ArcSwapOption::empty(),
             identity_source,
             api_health,
+            delegated,
             started: SystemTime::now(),
         });
         tasks.push(tokio::spawn(watch_identity(Arc::clone(&shared))));
@@ -475,6 +484,36 @@ type SourceStart = (
     String,
     Option<watch::Receiver<ApiHealth>>,
 );
+
+/// The Delegated Identity API client, when an admin socket is configured
+/// (or named by `SPIRE_ADMIN_ENDPOINT_SOCKET`). It connects only when a
+/// caller first needs it.
+fn start_delegated(
+    config: &Config,
+    store: &Arc<IdentityStore>,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<DelegatedIdentities>>, RunError> {
+    let wanted = config
+        .outbound
+        .iter()
+        .any(|o| o.present == crate::config::Present::Caller);
+    match DelegatedIdentities::choose_address(config.delegated.admin_socket.as_deref()) {
+        Some(Ok(path)) => {
+            if wanted {
+                info!(admin_socket = %path.display(), max_callers = config.delegated.max_callers, "presenting callers' SVIDs from SPIRE's Delegated Identity API");
+            }
+            Ok(Some(DelegatedIdentities::new(
+                path,
+                Arc::clone(store),
+                Arc::clone(metrics),
+                config.delegated.max_callers,
+                config.delegated.caller_idle_timeout,
+            )))
+        }
+        Some(Err(e)) => Err(RunError::Startup(e)),
+        None => Ok(None),
+    }
+}
 
 /// Starts the configured identity source and waits for the first identity.
 async fn start_identity_source(

@@ -22,9 +22,11 @@
 //! * `ca_dir.rs` — `--ca-dir`: the CA on disk, shared between agents.
 //! * `rotation.rs` — the rotation rules and the task that applies them.
 //! * `server.rs` — the gRPC service and its Unix socket.
+//! * `admin_api.rs` — SPIRE's Delegated Identity API on `--admin-socket`.
 //! * `uds_authority.rs` — lets clients that send the socket path as the
 //!   HTTP/2 `:authority` (gRPC C-core: Python, C++; Java) be served.
 
+mod admin_api;
 pub(crate) mod ca;
 mod ca_dir;
 mod rotation;
@@ -232,6 +234,11 @@ pub struct DevAgentConfig {
     pub federates_with: Vec<(SpiffeId, TrustDomain)>,
     /// Where to keep the CA across restarts, shared by agents using it.
     pub ca_dir: Option<PathBuf>,
+    /// Where to serve SPIRE's Delegated Identity API, if anywhere.
+    pub admin_socket: Option<PathBuf>,
+    /// The IDs whose holders may use the admin API (SPIRE's
+    /// `authorized_delegates`).
+    pub authorized_delegates: Vec<SpiffeId>,
 }
 
 impl DevAgentConfig {
@@ -247,6 +254,8 @@ impl DevAgentConfig {
             federate: Vec::new(),
             federates_with: Vec::new(),
             ca_dir: None,
+            admin_socket: None,
+            authorized_delegates: Vec::new(),
         }
     }
 
@@ -275,6 +284,18 @@ impl DevAgentConfig {
                     source: IdError::RootId(grant.id.to_string()),
                 });
             }
+        }
+        if !self.authorized_delegates.is_empty() && self.admin_socket.is_none() {
+            return Err(AgentError::BadGrant {
+                arg: "--authorized-delegate".into(),
+                reason: "needs --admin-socket, where delegates call".into(),
+            });
+        }
+        if self.admin_socket.is_some() && self.admin_socket.as_ref() == Some(&self.socket) {
+            return Err(AgentError::BadSocketArg {
+                arg: self.socket.display().to_string(),
+                reason: "--admin-socket must differ from --socket".into(),
+            });
         }
         check_ttl("--ttl", self.ttl, MIN_TTL)?;
         check_ttl("--ca-ttl", self.ca_ttl, MIN_CA_TTL)?;
@@ -351,6 +372,8 @@ impl From<crate::cli::DevAgentArgs> for DevAgentConfig {
             federate: args.federate,
             federates_with: args.federates_with,
             ca_dir: args.ca_dir,
+            admin_socket: args.admin_socket,
+            authorized_delegates: args.authorized_delegates,
         }
     }
 }
@@ -474,6 +497,13 @@ fn load_federated(config: &DevAgentConfig) -> Result<Vec<(String, Vec<u8>)>, Age
         .collect()
 }
 
+/// The admin socket's path, file and server task.
+type AdminSocket = (
+    PathBuf,
+    SocketFile,
+    JoinHandle<Result<(), tonic::transport::Error>>,
+);
+
 /// A running dev agent. Dropping it stops it too, without waiting.
 pub struct DevAgent {
     socket: PathBuf,
@@ -484,6 +514,8 @@ pub struct DevAgent {
     rotation: Option<JoinHandle<()>>,
     streams: TaskTracker,
     open_streams: Arc<AtomicUsize>,
+    /// The admin socket and its server, with `--admin-socket`.
+    admin: Option<AdminSocket>,
     /// Set once the socket file is gone, so `Drop` leaves it alone.
     stopped: bool,
 }
@@ -556,8 +588,21 @@ impl DevAgent {
             streams: streams.clone(),
             open_streams: Arc::clone(&open_streams),
         };
+        let admin = match &config.admin_socket {
+            Some(path) => {
+                let (listener, file) = server::bind(path)?;
+                let admin = admin_api::AdminApi {
+                    workload: api.clone(),
+                    delegates: config.authorized_delegates.clone().into(),
+                };
+                let task = tokio::spawn(server::serve_admin(listener, admin, shutdown.clone()));
+                Some((path.clone(), file, task))
+            }
+            None => None,
+        };
         let server = tokio::spawn(server::serve(listener, api, shutdown.clone()));
         Ok(DevAgent {
+            admin,
             socket: config.socket,
             socket_file,
             state,
@@ -622,6 +667,10 @@ impl DevAgent {
             }
         }
         server::remove_socket(&self.socket, self.socket_file);
+        if let Some((path, file, task)) = self.admin.take() {
+            task.abort();
+            server::remove_socket(&path, file);
+        }
         self.stopped = true;
         tracing::info!(socket = %self.socket.display(), "dev agent stopped");
     }
@@ -653,6 +702,10 @@ impl Drop for DevAgent {
                 server.abort();
             }
             server::remove_socket(&self.socket, self.socket_file);
+            if let Some((path, file, task)) = &self.admin {
+                task.abort();
+                server::remove_socket(path, *file);
+            }
         }
     }
 }

@@ -67,7 +67,7 @@ pub(crate) struct WorkloadApi {
     pub(crate) open_streams: Arc<AtomicUsize>,
 }
 
-type Stream<T> = ReceiverStream<Result<T, Status>>;
+pub(crate) type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 /// Counts a live stream task for as long as it exists.
 struct OpenStream(Arc<AtomicUsize>);
@@ -96,7 +96,7 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     }
 }
 
-fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
+pub(crate) fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
     request
         .extensions()
         .get::<UdsConnectInfo>()
@@ -106,7 +106,7 @@ fn caller_uid<T>(request: &Request<T>) -> Option<u32> {
 
 impl WorkloadApi {
     /// The SVID indexes `uid` may have, in command-line order, each once.
-    fn entitled(&self, uid: Option<u32>) -> Vec<usize> {
+    pub(crate) fn entitled(&self, uid: Option<u32>) -> Vec<usize> {
         let mut out: Vec<usize> = Vec::new();
         for grant in self.grants.iter() {
             let allowed = grant.uid.is_none() || grant.uid == uid;
@@ -119,7 +119,7 @@ impl WorkloadApi {
 
     /// The federated bundle keys `uid` may have: those its IDs federate
     /// with, each once.
-    fn federated_for(&self, uid: Option<u32>) -> Vec<String> {
+    pub(crate) fn federated_for(&self, uid: Option<u32>) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for grant in self.grants.iter() {
             if grant.uid.is_none() || grant.uid == uid {
@@ -150,7 +150,7 @@ impl WorkloadApi {
 
     /// Spawns the task behind one stream. `key` says what the caller has
     /// seen: a message goes out only when it changes.
-    fn spawn_stream<T, K>(
+    pub(crate) fn spawn_stream<T, K>(
         &self,
         key: impl Fn(&Snapshot) -> K + Send + 'static,
         message: impl Fn(&Snapshot) -> T + Send + 'static,
@@ -201,7 +201,7 @@ impl WorkloadApi {
 }
 
 /// The federated bundles among `keys`.
-fn federated_bundles(
+pub(crate) fn federated_bundles(
     snapshot: &Snapshot,
     keys: &[String],
 ) -> std::collections::HashMap<String, Vec<u8>> {
@@ -389,6 +389,20 @@ pub(crate) async fn serve(
     let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(FixedAuthority::new));
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(api))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+}
+
+/// Serves SPIRE's Delegated Identity API on `listener` until `shutdown`.
+pub(crate) async fn serve_admin(
+    listener: UnixListener,
+    api: super::admin_api::AdminApi,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    use crate::proto::spire::api::agent::delegatedidentity::v1::delegated_identity_server::DelegatedIdentityServer;
+    let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(FixedAuthority::new));
+    tonic::transport::Server::builder()
+        .add_service(DelegatedIdentityServer::new(api))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

@@ -8,6 +8,8 @@
 //! Sources ([`files`], later the Workload API) build snapshots and publish
 //! them; nothing else writes to the store.
 
+pub mod caller;
+pub mod delegated;
 pub mod files;
 pub mod workload_api;
 pub mod x509svid;

@@ -220,6 +220,13 @@ impl ApiAddress {
         &self,
         keepalive: Keepalive,
     ) -> Result<SpiffeWorkloadApiClient<Channel>, WorkloadApiError> {
+        Ok(SpiffeWorkloadApiClient::new(self.channel(keepalive).await?))
+    }
+
+    /// Opens a gRPC channel to this address (the Workload API, or the
+    /// SPIRE agent's admin API) that fails when the peer stops answering,
+    /// as `keepalive` says.
+    pub async fn channel(&self, keepalive: Keepalive) -> Result<Channel, WorkloadApiError> {
         let failed = |reason: String| WorkloadApiError::Connect {
             address: self.to_string(),
             reason,
@@ -263,7 +270,7 @@ impl ApiAddress {
             }
         }
         .map_err(|e| failed(source_chain(&e)))?;
-        Ok(SpiffeWorkloadApiClient::new(channel))
+        Ok(channel)
     }
 }
 
@@ -639,7 +646,7 @@ pub async fn wait_for_first_identity(
 
 /// Full jitter in the upper half: a wait between d/2 and d, so a fleet of
 /// nodes restarting together does not reconnect in lock-step.
-fn jittered(d: Duration) -> Duration {
+pub(crate) fn jittered(d: Duration) -> Duration {
     let half = d / 2;
     half + half.mul_f64(fastrand::f64())
 }

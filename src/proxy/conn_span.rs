@@ -1,5 +1,6 @@
 //! The tracing span of one connection: tunnel, kind, client address,
-//! upstream and peer SPIFFE ID, made only when something is logged.
+//! upstream and peer SPIFFE ID (and, for `present = "caller"`, the local
+//! caller's uid, pid and SPIFFE ID), made only when something is logged.
 //!
 //! A span entered for a connection's whole life costs a few per cent of
 //! new connections/s (its fields are formatted when it is made, and it is
@@ -30,6 +31,15 @@ pub struct ConnSpan<'t> {
     upstream: Option<SocketAddr>,
     peer_id: Option<String>,
     multiplexed: Option<bool>,
+    caller: Option<CallerFields>,
+}
+
+/// Who the local caller is (`present = "caller"`).
+#[derive(Debug, Clone, Default)]
+struct CallerFields {
+    uid: u32,
+    pid: Option<i32>,
+    id: Option<String>,
 }
 
 impl<'t> ConnSpan<'t> {
@@ -50,6 +60,7 @@ impl<'t> ConnSpan<'t> {
             upstream: None,
             peer_id: None,
             multiplexed: None,
+            caller: None,
         }
     }
 
@@ -62,7 +73,43 @@ impl<'t> ConnSpan<'t> {
             upstream = field::Empty,
             peer_id = field::Empty,
             multiplexed = field::Empty,
+            caller_uid = field::Empty,
+            caller_pid = field::Empty,
+            caller_id = field::Empty,
         )
+    }
+
+    /// The local process this connection is from (`present = "caller"`).
+    pub fn set_caller(&mut self, uid: u32, pid: Option<i32>) {
+        let fields = self.caller.get_or_insert_with(CallerFields::default);
+        fields.uid = uid;
+        fields.pid = pid;
+        if !self.live.is_none() {
+            // Recording a field twice would show it twice.
+            self.live.record("caller_uid", uid);
+            if let Some(pid) = pid {
+                self.live.record("caller_pid", pid);
+            }
+        }
+    }
+
+    /// The SPIFFE ID presented on the caller's behalf.
+    pub fn set_caller_id(&mut self, id: &SpiffeId) {
+        let fields = self.caller.get_or_insert_with(CallerFields::default);
+        fields.id = Some(id.to_string());
+        if !self.live.is_none() {
+            self.live.record("caller_id", field::display(id));
+        }
+    }
+
+    fn record_caller(span: &Span, fields: &CallerFields) {
+        span.record("caller_uid", fields.uid);
+        if let Some(pid) = fields.pid {
+            span.record("caller_pid", pid);
+        }
+        if let Some(id) = &fields.id {
+            span.record("caller_id", field::display(id));
+        }
     }
 
     /// The span to run the whole connection in (none when made lazily).
@@ -122,6 +169,9 @@ impl<'t> ConnSpan<'t> {
         if let Some(multiplexed) = self.multiplexed {
             span.record("multiplexed", multiplexed);
         }
+        if let Some(caller) = &self.caller {
+            Self::record_caller(&span, caller);
+        }
         span.in_scope(log)
     }
 }
@@ -163,6 +213,8 @@ mod tests {
             span.set_upstream("127.0.0.1:8443".parse().unwrap());
             span.set_peer_id("spiffe://example.org/api");
             span.set_multiplexed(true);
+            span.set_caller(1001, Some(4242));
+            span.set_caller_id(&crate::spiffe_id::parse("spiffe://example.org/billing").unwrap());
             span.in_scope(|| tracing::info!(result = "denied", "connection refused"));
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
@@ -174,7 +226,7 @@ mod tests {
         let lazy = line_with(false);
         assert_eq!(lazy, line_with(true));
         for field in [
-            "conn{tunnel=web kind=\"outbound\" client=127.0.0.1:4000 upstream=127.0.0.1:8443 peer_id=spiffe://example.org/api multiplexed=true}",
+            "conn{tunnel=web kind=\"outbound\" client=127.0.0.1:4000 upstream=127.0.0.1:8443 peer_id=spiffe://example.org/api multiplexed=true caller_uid=1001 caller_pid=4242 caller_id=spiffe://example.org/billing}",
             "connection refused result=\"denied\"",
         ] {
             assert!(lazy.contains(field), "{field} missing in {lazy}");

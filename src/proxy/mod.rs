@@ -7,6 +7,7 @@
 //! two directions share; [`inbound`] and [`outbound`] hold what differs.
 
 pub mod balance;
+pub mod caller;
 pub mod closing;
 pub mod conn_span;
 pub mod copy;
@@ -81,6 +82,9 @@ pub struct TunnelContext {
     pub store: Arc<IdentityStore>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub registry: Arc<ConnectionRegistry>,
+    /// The Delegated Identity API, when an admin socket is known: needed
+    /// by outbounds with `present = "caller"`.
+    pub delegated: Option<Arc<crate::identity::delegated::DelegatedIdentities>>,
 }
 
 impl Tunnel {

@@ -5,9 +5,19 @@
 //! local client's bytes are not read until the server is authorized.
 //! With `multiplex = true` the connection is a stream on a pooled
 //! connection instead ([`super::mux::client`]), under the same rules.
+//!
+//! With `present = "caller"` the TLS presents the SVID of the local process
+//! that connected instead of ours ([`crate::identity::delegated`]; the
+//! caller is found by [`super::caller`]). Each caller gets its own client
+//! configs and session tickets, made once per caller: a ticket binds the
+//! client certificate of its first handshake, so sharing tickets between
+//! callers would let one caller's connection resume as another. The chain
+//! cache of the verifier stays shared: it remembers *server* chains, whose
+//! verification depends on nothing about the caller.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use rustls::HandshakeKind;
@@ -19,13 +29,17 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, warn, Instrument};
 
 use super::balance::Balancer;
+use super::caller::CallerFinder;
 use super::conn_span::ConnSpan;
 use super::copy::CopyEnd;
 use super::mux::client::MuxClient;
 use super::read_ahead::ReadAhead;
 use super::registry::{Closer, Registration};
 use super::{classify_handshake_error, rustls_error, Tunnel};
-use crate::config::OutboundConfig;
+use crate::config::{OutboundConfig, Present};
+use crate::identity::delegated::{
+    CallerKey, CallerResolver, DelegatedIdentities, Lease, Subscription,
+};
 use crate::metrics::ConnResult;
 use crate::tls::resumption::ClientResumption;
 use crate::tls::verify::PeerRole;
@@ -40,19 +54,77 @@ pub struct Outbound {
     pub balancer: Arc<Balancer>,
     /// The pool of multiplexed connections, with `multiplex = true`.
     pub mux: Option<MuxClient>,
+    /// `present = "caller"`: where the callers' SVIDs come from.
+    callers: Option<CallerTls>,
+}
+
+/// The per-caller TLS of an outbound with `present = "caller"`.
+struct CallerTls {
+    delegated: Arc<DelegatedIdentities>,
+    finder: Arc<CallerFinder>,
+    /// Everything but the client certificate and the tickets.
+    base: Arc<rustls::ClientConfig>,
+    /// Per caller, made at its first connection and dropped with its
+    /// subscription.
+    sessions: Mutex<HashMap<CallerKey, CallerSessions>>,
+}
+
+/// One caller's sessions, with the subscription they were made for.
+type CallerSessions = (Weak<Subscription>, Arc<ClientResumption>);
+
+impl CallerTls {
+    /// The caller's client configs: its own SVID, its own tickets.
+    fn sessions_for(&self, lease: &Lease, resumption: bool) -> Arc<ClientResumption> {
+        let subscription = &lease.subscription;
+        let mut all = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((owner, sessions)) = all.get(&subscription.key) {
+            if owner
+                .upgrade()
+                .is_some_and(|owner| Arc::ptr_eq(&owner, subscription))
+            {
+                return Arc::clone(sessions);
+            }
+        }
+        // The subscriptions of callers gone for good are dropped here.
+        all.retain(|_, (owner, _)| owner.strong_count() > 0);
+        let mut config = rustls::ClientConfig::clone(&self.base);
+        config.client_auth_cert_resolver =
+            Arc::new(CallerResolver::new(Arc::clone(&subscription.store)));
+        let sessions = Arc::new(ClientResumption::new(
+            Arc::new(config),
+            Arc::clone(&subscription.store),
+            resumption,
+        ));
+        all.insert(
+            subscription.key,
+            (Arc::downgrade(subscription), Arc::clone(&sessions)),
+        );
+        sessions
+    }
 }
 
 impl Outbound {
+    /// `delegated` is required with `present = "caller"`.
     pub fn new(
         tunnel: Arc<Tunnel>,
         config: OutboundConfig,
         tls: Arc<rustls::ClientConfig>,
         balancer: Arc<Balancer>,
+        delegated: Option<Arc<DelegatedIdentities>>,
     ) -> Self {
         let mux = config
             .multiplex
             .clone()
             .map(|settings| MuxClient::new(Arc::clone(&tls), settings));
+        let callers = match (config.present, delegated) {
+            (Present::Caller, Some(delegated)) => Some(CallerTls {
+                delegated,
+                finder: Arc::new(CallerFinder::new()),
+                base: Arc::clone(&tls),
+                sessions: Mutex::new(HashMap::new()),
+            }),
+            _ => None,
+        };
         let sessions = ClientResumption::new(
             tls,
             Arc::clone(&tunnel.store),
@@ -64,6 +136,7 @@ impl Outbound {
             sessions,
             balancer,
             mux,
+            callers,
         }
     }
 
@@ -101,18 +174,31 @@ impl Outbound {
         span: &mut ConnSpan<'_>,
     ) {
         let t = &self.tunnel;
-        if t.resolver.current().is_none() {
-            t.refuse(
-                span,
-                ConnResult::no_identity,
-                &"we hold no valid SVID to present",
-            );
-            return;
-        }
+        // With present = "caller", the caller's SVID and its own sessions;
+        // the lease keeps its subscription for as long as the connection.
+        // (Config refuses present = "caller" together with multiplex.)
+        let (sessions, _lease) = match &self.callers {
+            Some(callers) => match self.caller_sessions(callers, &client, span).await {
+                Some((sessions, lease)) => (sessions, Some(lease)),
+                None => return,
+            },
+            None => {
+                if t.resolver.current().is_none() {
+                    t.refuse(
+                        span,
+                        ConnResult::no_identity,
+                        &"we hold no valid SVID to present",
+                    );
+                    return;
+                }
+                (None, None)
+            }
+        };
         span.set_multiplexed(self.mux.is_some());
         if let Some(mux) = &self.mux {
             return mux.carry(self, client, registration, close, span).await;
         }
+        let sessions = sessions.as_deref().unwrap_or(&self.sessions);
         // Identity changes after this point are re-checked in `admit`.
         let generation = t.store.generation();
         // The balancer retries a failed connect once on another upstream;
@@ -137,7 +223,7 @@ impl Outbound {
             let started = Instant::now();
             let handshake = tokio::time::timeout(
                 t.settings.handshake_timeout,
-                TlsConnector::from(self.sessions.config_for(chosen.addr()))
+                TlsConnector::from(sessions.config_for(chosen.addr()))
                     .connect(server_name(&upstream), ReadAhead::new(upstream_tcp)),
             )
             .await;
@@ -162,7 +248,7 @@ impl Outbound {
                         }
                         Err(e) if resumed && attempts_left > 0 => {
                             debug!(upstream = %upstream, error = %e, "resumed session no longer verifies; full handshake");
-                            self.sessions.forget(chosen.addr());
+                            sessions.forget(chosen.addr());
                             continue;
                         }
                         Err(e) => {
@@ -223,6 +309,59 @@ impl Outbound {
                 span.in_scope(|| warn!(alert = ?alert, "upstream refused our SVID (check its policy allows our SPIFFE ID)"));
             }
         }
+    }
+}
+
+impl Outbound {
+    /// Finds the caller of `client` and its SVID, or refuses the
+    /// connection saying why (it never falls back to our own SVID).
+    async fn caller_sessions(
+        &self,
+        callers: &CallerTls,
+        client: &TcpStream,
+        span: &mut ConnSpan<'_>,
+    ) -> Option<(Option<Arc<ClientResumption>>, Lease)> {
+        let t = &self.tunnel;
+        let found = match (client.peer_addr(), client.local_addr()) {
+            (Ok(peer), Ok(local)) => {
+                // /proc and netlink reads: off the async workers.
+                let finder = Arc::clone(&callers.finder);
+                tokio::task::spawn_blocking(move || finder.tcp(peer, local))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(super::caller::CallerError::Lookup(std::io::Error::other(e)))
+                    })
+            }
+            (Err(e), _) | (_, Err(e)) => Err(super::caller::CallerError::Lookup(e)),
+        };
+        let caller = match found {
+            Ok(caller) => caller,
+            Err(e) => {
+                t.refuse(
+                    span,
+                    ConnResult::caller_refused,
+                    &format_args!("caller unknown: {e}"),
+                );
+                return None;
+            }
+        };
+        span.set_caller(caller.uid, caller.pid());
+        let lease = match callers
+            .delegated
+            .acquire(caller, t.settings.handshake_timeout)
+            .await
+        {
+            Ok(lease) => lease,
+            Err(e) => {
+                t.refuse(span, ConnResult::caller_refused, &e);
+                return None;
+            }
+        };
+        if let Some(svid) = lease.subscription.current() {
+            span.set_caller_id(&svid.id);
+        }
+        let sessions = callers.sessions_for(&lease, self.config.settings.session_resumption);
+        Some((Some(sessions), lease))
     }
 }
 

@@ -16,13 +16,18 @@
 //! built and parsed by the rust-netlink crates, and asking about one socket
 //! by its addresses is a single hash lookup in the kernel however many
 //! sockets the host has. `ss` uses the same interface, unprivileged.
+//!
+//! The same lookup, asked about the other end of a loopback connection,
+//! tells [`super::caller`] which local user (and socket inode) opened it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN};
-use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
@@ -63,6 +68,17 @@ impl SendQueueProbe {
         local: SocketAddr,
         peer: SocketAddr,
     ) -> io::Result<Option<u32>> {
+        Ok(self.lookup(local, peer)?.map(|found| found.send_queue))
+    }
+
+    /// What the kernel knows about the TCP socket whose own address is
+    /// `local` and whose peer is `peer` (any state but listening), or
+    /// `None` when this network namespace has no such socket.
+    pub fn lookup(
+        &mut self,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> io::Result<Option<InetResponseHeader>> {
         self.sequence = self.sequence.wrapping_add(1);
         let family = match local.ip() {
             IpAddr::V4(_) => AF_INET,
@@ -121,7 +137,7 @@ impl SendQueueProbe {
                         Ok(None)
                     }
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                        Ok(Some(response.header.send_queue))
+                        Ok(Some(response.header))
                     }
                     NetlinkPayload::Error(e) => match e.code.map(|c| -c.get()) {
                         Some(ENOENT) | None => Ok(None),

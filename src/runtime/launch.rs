@@ -108,6 +108,13 @@ pub fn prepare(
             (Serve::Inbound(Arc::new(serving)), None)
         }
         TunnelConfig::Outbound(outbound) => {
+            if outbound.present == crate::config::Present::Caller && ctx.delegated.is_none() {
+                return Err(RunError::Startup(format!(
+                    "outbound {:?}: present = \"caller\" needs SPIRE's admin socket: set [identity] admin_socket or {}",
+                    outbound.name,
+                    crate::identity::delegated::ADMIN_ENV
+                )));
+            }
             let tls = client_config(&tls)?;
             let upstreams = Balancer::new(
                 &outbound.name,
@@ -120,6 +127,7 @@ pub fn prepare(
                 outbound.clone(),
                 tls,
                 Arc::clone(&upstreams),
+                ctx.delegated.clone(),
             );
             (
                 Serve::Outbound(Arc::new(serving), Arc::clone(&upstreams)),

@@ -113,6 +113,10 @@ pub struct Setup {
     pub short_svids: bool,
     /// A CA rotation the body will run through ([`ApiUnderTest::prepare_ca`]).
     pub ca_rotation: bool,
+    /// Serve the Delegated Identity API on [`ApiUnderTest::admin_socket`]
+    /// to holders of these IDs (SPIRE `authorized_delegates`, dev agent
+    /// `--authorized-delegate`); empty: no admin socket.
+    pub delegates: Vec<String>,
 }
 
 enum Backend {
@@ -125,6 +129,7 @@ pub struct ApiUnderTest {
     pub kind: Kind,
     backend: Backend,
     socket: PathBuf,
+    admin_socket: PathBuf,
     prepared: Option<String>,
     // Last: the dev agent's socket and bundle files live here.
     dir: tempfile::TempDir,
@@ -193,18 +198,37 @@ impl ApiUnderTest {
                 }
             }
         }
+        let admin_socket = dir.path().join("admin").join("admin.sock");
+        if !setup.delegates.is_empty() {
+            config.admin_socket = Some(admin_socket.clone());
+            config.authorized_delegates =
+                setup.delegates.iter().map(|d| d.parse().unwrap()).collect();
+        }
         let agent = DevAgent::start(config).await.expect("start the dev agent");
         Self {
             kind: Kind::DevAgent,
             backend: Backend::Dev(agent),
             socket,
+            admin_socket,
             prepared: None,
             dir,
         }
     }
 
     async fn start_spire(dir: tempfile::TempDir, setup: Setup) -> Self {
-        let spire = Spire::start(ServerConfig::default(), AgentConfig::default()).await;
+        // SPIRE refuses an admin socket in the Workload API socket's folder.
+        let admin_socket = dir.path().join("admin.sock");
+        let mut agent = AgentConfig::default();
+        if !setup.delegates.is_empty() {
+            let delegates: Vec<String> =
+                setup.delegates.iter().map(|d| format!("\"{d}\"")).collect();
+            agent.agent_hcl = format!(
+                "    admin_socket_path = \"{}\"\n    authorized_delegates = [{}]\n",
+                admin_socket.display(),
+                delegates.join(", ")
+            );
+        }
+        let spire = Spire::start(ServerConfig::default(), agent).await;
         for (td, pem) in &setup.federated {
             let file = dir.path().join(format!("{td}.pem"));
             std::fs::write(&file, pem).unwrap();
@@ -269,6 +293,7 @@ impl ApiUnderTest {
             kind: Kind::Spire,
             backend: Backend::Spire(Box::new(spire)),
             socket,
+            admin_socket,
             prepared: None,
             dir,
         }
@@ -276,6 +301,11 @@ impl ApiUnderTest {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The Delegated Identity API, with [`Setup::delegates`].
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
     }
 
     pub fn address(&self) -> String {

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api_under_test;
 pub mod blackhole;
+pub mod callers;
 pub mod certs;
 pub mod fake_api;
 pub mod haproxy;

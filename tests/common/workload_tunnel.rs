@@ -45,10 +45,16 @@ pub struct TunnelEnd {
     dir: tempfile::TempDir,
 }
 
-/// Config text of the `[identity]` and `[admin]` sections.
-fn header(socket: &str, admin: SocketAddr, startup_timeout: Duration) -> String {
+/// Config text of the `[identity]` (with `identity_extra` lines) and
+/// `[admin]` sections.
+fn header(
+    socket: &str,
+    admin: SocketAddr,
+    startup_timeout: Duration,
+    identity_extra: &str,
+) -> String {
     format!(
-        "[identity]\nsource = \"workload_api\"\nsocket = \"{socket}\"\nstartup_timeout = \"{}ms\"\n\n[admin]\nlisten = \"{admin}\"\n\n",
+        "[identity]\nsource = \"workload_api\"\nsocket = \"{socket}\"\nstartup_timeout = \"{}ms\"\n{identity_extra}\n[admin]\nlisten = \"{admin}\"\n\n",
         startup_timeout.as_millis()
     )
 }
@@ -69,6 +75,18 @@ impl TunnelEnd {
         startup_timeout: Duration,
         body: impl FnOnce(SocketAddr) -> String,
     ) -> Self {
+        Self::spawn_with(socket, uid, startup_timeout, "", body)
+    }
+
+    /// [`TunnelEnd::spawn`] with more lines in `[identity]`
+    /// (`admin_socket = ...`).
+    pub fn spawn_with(
+        socket: &str,
+        uid: u32,
+        startup_timeout: Duration,
+        identity_extra: &str,
+        body: impl FnOnce(SocketAddr) -> String,
+    ) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
             .prefix("ste")
@@ -80,7 +98,11 @@ impl TunnelEnd {
         let config = dir.path().join("tunnel.toml");
         std::fs::write(
             &config,
-            format!("{}{}", header(socket, admin, startup_timeout), body(listen)),
+            format!(
+                "{}{}",
+                header(socket, admin, startup_timeout, identity_extra),
+                body(listen)
+            ),
         )
         .unwrap();
         let daemon = Daemon::run_as(&config, uid);
