@@ -380,6 +380,16 @@ pub fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
 
 /// Sorts a failed TLS handshake into a result label and a readable reason,
 /// and records the peer's SPIFFE ID in the connection's span when the peer
+/// Whether an upstream cut our TLS handshake off (closed or reset the
+/// socket) rather than refusing it with an alert: an upstream on its way
+/// down, so the dial may be retried on another one.
+pub fn handshake_cut_off(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+    )
+}
+
 /// got far enough to show one.
 pub fn classify_handshake_error(e: &io::Error, span: &mut ConnSpan<'_>) -> (ConnResult, String) {
     let verify_error = rustls_error(e).and_then(VerifyError::from_rustls);

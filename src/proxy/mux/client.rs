@@ -237,11 +237,7 @@ impl MuxClient {
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    let cut_off = matches!(
-                        e.kind(),
-                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                    );
-                    if cut_off {
+                    if crate::proxy::handshake_cut_off(&e) {
                         chosen.report_failure();
                         if attempts_left > 0 {
                             debug!(upstream = %upstream, error = %e, "upstream cut the handshake off; trying another");
